@@ -1,0 +1,28 @@
+# Two commands matter: `make demo` and `make test`. Both set up .venv themselves.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test lint bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m demo
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check litestar_celery_events worker demo
+	$(PY) -m mypy
+
+test: lint
+	$(PY) -m pytest
+
+bench: install
+	$(PY) -m bench

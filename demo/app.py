@@ -1,0 +1,92 @@
+"""Litestar's event docs examples, unchanged but for the plugin line.
+
+Each listener appends what it received, and in which process, to ``<data dir>/demo-runs.jsonl``
+so ``python -m demo`` can show that the worker, not the web process, ran it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from litestar import Litestar, Request, post
+from litestar.enums import RequestEncodingType
+from litestar.events import listener as litestar_listener
+from litestar.params import Body
+
+from litestar_celery_events import CeleryEventsConfig, CeleryEventsPlugin, listener
+
+config = CeleryEventsConfig()  # broker: env CELERY_BROKER_URL, else the embedded filesystem broker
+RUNS_FILE = config.resolved_data_dir / "demo-runs.jsonl"
+
+
+def record(listener_name: str, *args: Any, **kwargs: Any) -> None:
+    line = json.dumps({"listener": listener_name, "pid": os.getpid(), "args": args, "kwargs": kwargs})
+    print(f"[pid {os.getpid()}] {listener_name}(args={args}, kwargs={kwargs})", flush=True)
+    Path(RUNS_FILE).parent.mkdir(parents=True, exist_ok=True)
+    with open(RUNS_FILE, "a", encoding="utf-8") as runs:
+        runs.write(line + "\n")
+
+
+@litestar_listener("user_created")  # Litestar's own decorator: runs unchanged on the worker
+async def send_welcome_email_handler(email: str) -> None:
+    record("send_welcome_email_handler", email=email)
+
+
+@listener("user_created", "password_changed")  # one listener, two events
+async def send_email_handler(email: str, message: str = "Welcome aboard!") -> None:
+    record("send_email_handler", email=email, message=message)
+
+
+@listener("user_deleted", max_retries=5, retry_backoff=True)  # Celery retry options
+async def send_farewell_email_handler(email: str, **kwargs: Any) -> None:
+    record("send_farewell_email_handler", email=email, **kwargs)
+
+
+@listener("user_deleted")  # a second listener on the same event; sync listeners work too
+def notify_customer_support(reason: str, **kwargs: Any) -> None:
+    record("notify_customer_support", reason=reason, **kwargs)
+
+
+@dataclass
+class CreateUserDTO:
+    email: str
+
+
+@dataclass
+class DeleteUserDTO:
+    email: str
+    reason: str
+
+
+@post("/users")
+async def create_user_handler(
+    data: Annotated[CreateUserDTO, Body(media_type=RequestEncodingType.JSON)], request: Request[Any, Any, Any]) -> dict[str, str]:
+    request.app.emit("user_created", email=data.email)
+    return {"created": data.email}
+
+
+@post("/users/password")
+async def change_password_handler(
+    data: Annotated[CreateUserDTO, Body(media_type=RequestEncodingType.JSON)], request: Request[Any, Any, Any]
+) -> dict[str, str]:
+    request.app.emit("password_changed", email=data.email, message="Your password was changed.")
+    return {"changed": data.email}
+
+
+@post("/users/delete", status_code=200)
+async def delete_user_handler(
+    data: Annotated[DeleteUserDTO, Body(media_type=RequestEncodingType.JSON)], request: Request[Any, Any, Any]
+) -> dict[str, str]:
+    request.app.emit("user_deleted", email=data.email, reason=data.reason)
+    return {"deleted": data.email}
+
+
+app = Litestar(
+    route_handlers=[create_user_handler, change_password_handler, delete_user_handler],
+    listeners=[send_welcome_email_handler, send_email_handler, send_farewell_email_handler, notify_customer_support],
+    plugins=[CeleryEventsPlugin(config)],
+)

@@ -1,0 +1,30 @@
+"""Run Litestar event listeners on Celery workers: retries, persistence, Flower."""
+
+from litestar_celery_events.config import CeleryEventsConfig, RetryPolicy
+from litestar_celery_events.emitter import CeleryEventEmitter
+from litestar_celery_events.errors import (
+    EmitterNotRunningError,
+    EventBufferFullError,
+    EventPayloadError,
+    ListenerSignatureError,
+    PayloadTooLargeError,
+)
+from litestar_celery_events.listeners import CeleryEventListener, listener
+from litestar_celery_events.plugin import CeleryEventsPlugin
+from litestar_celery_events.runtime.worker_app import create_worker_app, load_litestar_app
+
+__all__ = (
+    "CeleryEventEmitter",
+    "CeleryEventListener",
+    "CeleryEventsConfig",
+    "CeleryEventsPlugin",
+    "EmitterNotRunningError",
+    "EventBufferFullError",
+    "EventPayloadError",
+    "ListenerSignatureError",
+    "PayloadTooLargeError",
+    "RetryPolicy",
+    "create_worker_app",
+    "listener",
+    "load_litestar_app",
+)

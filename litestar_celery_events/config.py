@@ -1,0 +1,144 @@
+"""Configuration shared by the web process (emitter) and the Celery worker."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from litestar_celery_events.scheduling import PeriodicEvent
+
+__all__ = (
+    "BROKER_URL_ENV",
+    "DEFAULT_FLUSH_TIMEOUT_S",
+    "CeleryEventsConfig",
+    "RetryPolicy",
+    "embedded_broker_url",
+    "redact_url",
+)
+
+BROKER_URL_ENV = "CELERY_BROKER_URL"
+DATA_DIR_ENV = "CELERY_EVENTS_DATA_DIR"
+DEFAULT_DATA_DIR = ".celery-events"
+DEFAULT_FLUSH_TIMEOUT_S = 5.0
+DEFAULT_MAX_BUFFERED_EVENTS = 100_000
+DEFAULT_MAX_PAYLOAD_BYTES = 1_000_000
+MAX_EVENT_ID_LENGTH = 200
+
+_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z0-9+.\-]+://[^:/@\s]*:)(?P<secret>[^@\s]+)(?P<tail>@)", re.IGNORECASE)
+
+
+def redact_url(text: str) -> str:
+    """Replace the password of every URL in ``text`` with ``***``: broker secrets never reach logs."""
+    return _PASSWORD_IN_URL.sub(r"\g<head>***\g<tail>", text)
+
+
+def embedded_broker_url() -> str:
+    """The server-less default broker: kombu's filesystem transport (folders set in transport options)."""
+    return "filesystem://"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Celery retry options applied to listeners that set none of their own.
+
+    The names are Celery's (``Task.max_retries``, ``Task.retry_backoff`` ...), so they mean what
+    a Celery user expects: a listener runs at most ``1 + max_retries`` times.
+    """
+
+    max_retries: int = 3
+    """Retries after the first attempt; ``0`` disables retrying."""
+    default_retry_delay: float = 1.0
+    """Seconds before a retry when ``retry_backoff`` is off."""
+    retry_backoff: bool | float = True
+    """Exponential backoff: ``True`` for factor 1 s, or the factor in seconds."""
+    retry_backoff_max: float = 600.0
+    """Upper bound of the backoff, in seconds."""
+    retry_jitter: bool = True
+    """Randomise the backoff (Celery's full jitter) so retries of a burst spread out."""
+    autoretry_for: tuple[type[BaseException], ...] = (Exception,)
+    """Exceptions that trigger a retry; others fail the listener at once."""
+
+    def as_task_options(self) -> dict[str, Any]:
+        return {
+            "max_retries": self.max_retries,
+            "default_retry_delay": self.default_retry_delay,
+            "retry_backoff": self.retry_backoff,
+            "retry_backoff_max": self.retry_backoff_max,
+            "retry_jitter": self.retry_jitter,
+            "autoretry_for": self.autoretry_for,
+        }
+
+
+@dataclass
+class CeleryEventsConfig:
+    """How Litestar events reach Celery: broker, task naming, retries and the publisher's buffer."""
+
+    broker_url: str | None = None
+    """Broker URL. Precedence: this argument, then env ``CELERY_BROKER_URL``, then the embedded
+    filesystem broker under ``data_dir`` (no server needed; shared by an app and a worker started
+    from the same directory)."""
+    celery_app: Celery | None = None
+    """Bring your own Celery app; its broker and settings are used as they are."""
+    celery_config: Mapping[str, Any] = field(default_factory=dict)
+    """Celery settings passed through unchanged, e.g. ``{"broker_transport_options": {...}}``."""
+    task_name_prefix: str = "events"
+    """Event tasks are named ``<prefix>.<event_id>`` so Flower lists them by event."""
+    default_retry: RetryPolicy = field(default_factory=RetryPolicy)
+    """Retry policy of listeners that set no Celery retry options (plain Litestar listeners)."""
+    default_queue: str | None = None
+    """Queue of event tasks; ``None`` keeps Celery's ``task_default_queue``."""
+    data_dir: str | None = None
+    """Folder for the embedded broker and local state; env ``CELERY_EVENTS_DATA_DIR``, else
+    ``./.celery-events``."""
+    max_buffered_events: int = DEFAULT_MAX_BUFFERED_EVENTS
+    """Events held in memory while the publisher catches up or the broker is away."""
+    buffer_full_policy: Literal["raise", "drop_oldest"] = "raise"
+    """When the buffer is full: raise ``EventBufferFullError`` at ``emit`` or drop the oldest
+    event with an error log. Never silent."""
+    flush_timeout_s: float = DEFAULT_FLUSH_TIMEOUT_S
+    """On shutdown, how long to keep publishing what is buffered before giving up (and logging)."""
+    publish_batch_size: int = 500
+    """Most messages the publisher sends in one round trip."""
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    """Encoded arguments above this size raise ``PayloadTooLargeError`` at ``emit``."""
+    check_signatures: bool = True
+    """At ``emit``, check that every listener accepts the emitted arguments (a cheap check)."""
+    periodic: list[PeriodicEvent] = field(default_factory=list)
+    """Events that ``celery -A worker beat`` emits on a schedule."""
+    timezone: str = "UTC"
+    """Timezone of periodic schedules."""
+
+    def __post_init__(self) -> None:
+        if not self.task_name_prefix or any(c.isspace() for c in self.task_name_prefix):
+            raise ValueError("task_name_prefix must be a non-empty string without whitespace")
+        if self.max_buffered_events < 1:
+            raise ValueError("max_buffered_events must be at least 1")
+        if self.flush_timeout_s < 0:
+            raise ValueError("flush_timeout_s must not be negative")
+        if self.publish_batch_size < 1:
+            raise ValueError("publish_batch_size must be at least 1")
+        if self.buffer_full_policy not in ("raise", "drop_oldest"):
+            raise ValueError("buffer_full_policy must be 'raise' or 'drop_oldest'")
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return Path(self.data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).resolve()
+
+    @property
+    def resolved_broker_url(self) -> str:
+        if self.celery_app is not None:
+            return str(self.celery_app.conf.broker_url or embedded_broker_url())
+        return self.broker_url or os.environ.get(BROKER_URL_ENV) or embedded_broker_url()
+
+    def event_task_name(self, event_id: str) -> str:
+        return f"{self.task_name_prefix}.{event_id}"
+
+    def listener_task_name(self, event_id: str, listener_name: str) -> str:
+        return f"{self.task_name_prefix}.{event_id}[{listener_name}]"

@@ -1,0 +1,106 @@
+"""The publishing side: Litestar's emitter backend that turns each ``emit`` into a Celery task.
+
+``emit`` validates at the call site (listener registered, arguments accepted, payload encodable)
+and hands the encoded message to the background publisher: no network I/O on the caller's
+thread, so the event loop never waits for the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import anyio
+from litestar.events import BaseEventEmitterBackend
+
+from litestar_celery_events.celery_app import build_celery_app
+from litestar_celery_events.config import CeleryEventsConfig
+from litestar_celery_events.errors import EmitterNotRunningError
+from litestar_celery_events.listeners import ListenerRegistry
+from litestar_celery_events.message import Emission
+from litestar_celery_events.publisher import Publisher
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import TracebackType
+
+    from celery import Celery
+    from litestar.events import EventListener
+
+__all__ = ("CeleryEventEmitter",)
+
+logger = logging.getLogger("litestar_celery_events")
+
+
+class CeleryEventEmitter(BaseEventEmitterBackend):
+    """Emitter backend publishing events to Celery. Installed by ``CeleryEventsPlugin``.
+
+    Litestar builds the backend from its class with only ``listeners=``, so the plugin binds the
+    config to a subclass (``CeleryEventEmitter.bound_to(config)``).
+    """
+
+    config: ClassVar[CeleryEventsConfig] = CeleryEventsConfig()
+
+    def __init__(self, listeners: Sequence[EventListener]) -> None:
+        super().__init__(listeners=listeners)
+        self.registry = ListenerRegistry.build(listeners, self.config)
+        self.celery_app: Celery = build_celery_app(self.config)
+        self.publisher = Publisher(self.celery_app, self.config)
+        self._running = False
+
+    @classmethod
+    def bound_to(cls, config: CeleryEventsConfig) -> type[CeleryEventEmitter]:
+        return type(cls.__name__, (cls,), {"config": config, "__module__": cls.__module__})
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def start(self) -> None:
+        """Start the publisher (the app's lifespan does this; the worker does it per process)."""
+        self.publisher.start()
+        self._running = True
+
+    def stop(self) -> int:
+        """Stop accepting events, flush within ``flush_timeout_s``; return how many stayed unpublished."""
+        self._running = False
+        return self.publisher.stop()
+
+    async def __aenter__(self) -> CeleryEventEmitter:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        await anyio.to_thread.run_sync(self.stop)
+
+    def emit(self, event_id: str, *args: Any, **kwargs: Any) -> str:
+        """Enqueue ``event_id`` for its listeners; return the emission id (also the Celery task id)."""
+        return self.submit(self.prepare(event_id, args, kwargs))
+
+    def prepare(self, event_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Emission:
+        """Validate and encode an emission; raises at the call site, enqueues nothing."""
+        if not self._running:
+            raise EmitterNotRunningError(
+                f"cannot emit event {event_id!r}: the event emitter is not running; emit inside the Litestar "
+                "app's lifespan (request handlers, on_startup hooks) or use emitter.start()"
+            )
+        specs = self.registry.get(event_id)
+        if self.config.check_signatures:
+            self.registry.check_arguments(event_id, specs, args, kwargs)
+        return Emission.create(
+            event_id,
+            self.config.event_task_name(event_id),
+            args,
+            kwargs,
+            max_payload_bytes=self.config.max_payload_bytes,
+            queue=self.config.default_queue,
+        )
+
+    def submit(self, emission: Emission) -> str:
+        self.publisher.submit(emission)
+        return emission.emission_id

@@ -1,0 +1,31 @@
+"""Exceptions raised at the call site: each names the event and says what to fix."""
+
+from __future__ import annotations
+
+__all__ = (
+    "EmitterNotRunningError",
+    "EventBufferFullError",
+    "EventPayloadError",
+    "ListenerSignatureError",
+    "PayloadTooLargeError",
+)
+
+
+class EventPayloadError(TypeError):
+    """The emitted arguments cannot be encoded as JSON; nothing was enqueued."""
+
+
+class PayloadTooLargeError(EventPayloadError):
+    """The encoded arguments exceed ``CeleryEventsConfig.max_payload_bytes``; nothing was enqueued."""
+
+
+class ListenerSignatureError(TypeError):
+    """A registered listener cannot accept the emitted arguments; nothing was enqueued."""
+
+
+class EmitterNotRunningError(RuntimeError):
+    """``emit`` was called outside the Litestar app's lifespan (before startup or after shutdown)."""
+
+
+class EventBufferFullError(RuntimeError):
+    """The publisher's buffer is full (broker away for long) and the policy is ``raise``."""

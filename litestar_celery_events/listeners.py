@@ -1,0 +1,230 @@
+"""The listener decorator and the registry ``event_id -> listeners`` both sides build from the app.
+
+A registry entry keeps the *original* listener function: Litestar's ``EventListener.fn`` wraps it
+in a handler that logs and swallows exceptions, so calling that could never trigger a retry.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from litestar.events import EventListener
+from litestar.exceptions import ImproperlyConfiguredException
+
+from litestar_celery_events.errors import ListenerSignatureError
+
+if TYPE_CHECKING:
+    from litestar_celery_events.config import CeleryEventsConfig
+
+__all__ = (
+    "CELERY_TASK_OPTIONS",
+    "ROUTED_TASK_OPTIONS",
+    "CeleryEventListener",
+    "ListenerRegistry",
+    "ListenerSpec",
+    "listener",
+    "original_function",
+    "validate_event_id",
+)
+
+logger = logging.getLogger("litestar_celery_events")
+
+RETRY_TASK_OPTIONS = frozenset(
+    {"max_retries", "default_retry_delay", "retry_backoff", "retry_backoff_max", "retry_jitter", "autoretry_for"}
+)
+ROUTED_TASK_OPTIONS = frozenset({"queue", "rate_limit", "time_limit", "soft_time_limit", "priority"})
+"""Options that only a task of its own can honour: such a listener runs as a separate task."""
+CELERY_TASK_OPTIONS = RETRY_TASK_OPTIONS | ROUTED_TASK_OPTIONS | {"acks_late", "reject_on_worker_lost"}
+MAX_EVENT_ID_LENGTH = 200
+
+
+def validate_event_id(event_id: object) -> str:
+    """Event ids are stable contracts: non-empty strings without whitespace or control characters."""
+    if not isinstance(event_id, str) or not event_id:
+        raise ImproperlyConfiguredException(f"event id must be a non-empty string, got {event_id!r}")
+    if len(event_id) > MAX_EVENT_ID_LENGTH:
+        raise ImproperlyConfiguredException(f"event id is longer than {MAX_EVENT_ID_LENGTH} characters: {event_id!r}")
+    if any(c.isspace() or not c.isprintable() for c in event_id):
+        raise ImproperlyConfiguredException(f"event id must not contain whitespace or control characters: {event_id!r}")
+    return event_id
+
+
+class CeleryEventListener(EventListener):
+    """``litestar.events.listener`` plus Celery task options; register it with ``Litestar(listeners=...)``."""
+
+    __slots__ = ("celery_options", "original_fn")
+
+    def __init__(self, *event_ids: str, **celery_options: Any) -> None:
+        for event_id in event_ids:
+            validate_event_id(event_id)
+        unknown = set(celery_options) - CELERY_TASK_OPTIONS
+        if unknown:
+            raise ImproperlyConfiguredException(
+                f"unknown listener option(s) {sorted(unknown)}; supported Celery options: {sorted(CELERY_TASK_OPTIONS)}"
+            )
+        if "autoretry_for" in celery_options:
+            celery_options["autoretry_for"] = tuple(celery_options["autoretry_for"])
+        super().__init__(*event_ids)
+        self.celery_options: dict[str, Any] = celery_options
+
+    def __call__(self, fn: Callable[..., Any]) -> CeleryEventListener:
+        super().__call__(fn)
+        self.original_fn = fn
+        return self
+
+
+listener = CeleryEventListener
+
+
+def original_function(event_listener: EventListener) -> Callable[..., Any]:
+    """The user's function behind an ``EventListener`` (ours or Litestar's own decorator)."""
+    original = getattr(event_listener, "original_fn", None)
+    if original is not None:
+        return original  # type: ignore[no-any-return]
+    wrapped = event_listener.fn
+    # Litestar: fn = wrap_in_error_handler(ensure_async_callable(user_fn)); recover user_fn.
+    freevars = wrapped.__code__.co_freevars
+    if wrapped.__closure__ and "fn" in freevars:
+        inner = wrapped.__closure__[freevars.index("fn")].cell_contents
+        return getattr(inner, "func", inner)  # type: ignore[no-any-return]
+    return wrapped
+
+
+def _listener_name(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+@dataclass(frozen=True)
+class ArgumentCheck:
+    """What a function accepts, precomputed so checking an emit costs about a microsecond."""
+
+    positional_names: tuple[str, ...]
+    positional_max: int | None
+    keyword_names: frozenset[str]
+    required_names: frozenset[str]
+    var_keyword: bool
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any]) -> ArgumentCheck:
+        params = list(inspect.signature(fn).parameters.values())
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        return cls(
+            positional_names=tuple(p.name for p in positional),
+            positional_max=None if any(p.kind is p.VAR_POSITIONAL for p in params) else len(positional),
+            keyword_names=frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)),
+            required_names=frozenset(
+                p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            ),
+            var_keyword=any(p.kind is p.VAR_KEYWORD for p in params),
+        )
+
+    def problem(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str | None:
+        """``None`` if ``fn(*args, **kwargs)`` binds, else what is wrong."""
+        n = len(args)
+        if self.positional_max is not None and n > self.positional_max:
+            return f"takes at most {self.positional_max} positional argument(s), {n} given"
+        if not self.var_keyword and not kwargs.keys() <= self.keyword_names:
+            unexpected = sorted(kwargs.keys() - self.keyword_names)
+            return f"got unexpected keyword argument(s) {unexpected} (add **kwargs to accept them)"
+        filled = self.positional_names[:n]
+        if filled and not kwargs.keys().isdisjoint(filled):
+            return f"got multiple values for {sorted(kwargs.keys() & set(filled))}"
+        if not self.required_names <= kwargs.keys():
+            missing = self.required_names - kwargs.keys() - set(filled)
+            if missing:
+                return f"missing required argument(s) {sorted(missing)}"
+        return None
+
+
+@dataclass(frozen=True)
+class ListenerSpec:
+    """One listener, normalised once at registration."""
+
+    name: str
+    fn: Callable[..., Any]
+    event_ids: frozenset[str]
+    is_async: bool
+    task_options: Mapping[str, Any]
+    """Celery task options: the listener's own, else the config's default retry policy."""
+    check: ArgumentCheck
+
+    @property
+    def runs_as_own_task(self) -> bool:
+        """Routed listeners (own queue, rate limit, time limit) always run as a task of their own."""
+        return bool(ROUTED_TASK_OPTIONS & self.task_options.keys())
+
+    def argument_problem(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str | None:
+        return self.check.problem(args, kwargs)
+
+
+@dataclass
+class ListenerRegistry:
+    """``event_id -> listeners``, built from a Litestar app's registered listeners."""
+
+    by_event: dict[str, tuple[ListenerSpec, ...]] = field(default_factory=dict)
+    by_name: dict[str, ListenerSpec] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, listeners: Iterable[EventListener], config: CeleryEventsConfig) -> ListenerRegistry:
+        grouped: defaultdict[str, list[ListenerSpec]] = defaultdict(list)
+        by_name: dict[str, ListenerSpec] = {}
+        for event_listener in listeners:
+            fn = original_function(event_listener)
+            name = _listener_name(fn)
+            if name in by_name:
+                if by_name[name].fn is fn:
+                    continue
+                raise ImproperlyConfiguredException(f"two different listeners are both named {name!r}")
+            for event_id in event_listener.event_ids:
+                validate_event_id(event_id)
+            own = dict(getattr(event_listener, "celery_options", {}))
+            # A listener's own options override the config's default retry policy, key by key.
+            options = {**config.default_retry.as_task_options(), **own}
+            spec = ListenerSpec(
+                name=name,
+                fn=fn,
+                event_ids=event_listener.event_ids,
+                is_async=inspect.iscoroutinefunction(fn),
+                task_options=options,
+                check=ArgumentCheck.of(fn),
+            )
+            by_name[name] = spec
+            for event_id in sorted(spec.event_ids):
+                grouped[event_id].append(spec)
+        registry = cls({event_id: tuple(specs) for event_id, specs in grouped.items()}, by_name)
+        registry.warn_incompatible()
+        return registry
+
+    def get(self, event_id: str) -> tuple[ListenerSpec, ...]:
+        try:
+            return self.by_event[event_id]
+        except KeyError:
+            raise ImproperlyConfiguredException(f"no event listeners are registered for event ID: {event_id}") from None
+
+    def check_arguments(self, event_id: str, specs: Iterable[ListenerSpec], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        for spec in specs:
+            problem = spec.check.problem(args, kwargs)
+            if problem is not None:
+                raise ListenerSignatureError(f"cannot emit event {event_id!r}: listener {spec.name} {problem}")
+
+    def warn_incompatible(self) -> None:
+        """Warn when one listener names an argument another listener of the same event cannot take."""
+        for event_id, specs in self.by_event.items():
+            for spec in specs:
+                if spec.check.var_keyword:
+                    continue
+                others = set().union(*(s.check.required_names for s in specs if s is not spec))
+                extra = others - spec.check.keyword_names
+                if extra:
+                    logger.warning(
+                        "listener %s of event %r does not accept %s that other listeners of the event require; "
+                        "add **kwargs to it (see Litestar's events docs)",
+                        spec.name,
+                        event_id,
+                        sorted(extra),
+                    )

@@ -1,0 +1,29 @@
+"""Thin glue: installs the Celery emitter backend on Litestar's ``AppConfig``; nothing else."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from litestar.plugins import InitPluginProtocol
+
+from litestar_celery_events.config import CeleryEventsConfig
+from litestar_celery_events.emitter import CeleryEventEmitter
+
+if TYPE_CHECKING:
+    from litestar.config.app import AppConfig
+
+__all__ = ("CeleryEventsPlugin",)
+
+
+class CeleryEventsPlugin(InitPluginProtocol):
+    """Run Litestar event listeners on Celery workers: ``Litestar(plugins=[CeleryEventsPlugin(config)])``."""
+
+    __slots__ = ("config",)
+
+    def __init__(self, config: CeleryEventsConfig | None = None) -> None:
+        self.config = config or CeleryEventsConfig()
+
+    def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        # Litestar instantiates the backend with only ``listeners=``: the config rides on a subclass.
+        app_config.event_emitter_backend = CeleryEventEmitter.bound_to(self.config)
+        return app_config

@@ -1,0 +1,231 @@
+"""The background publisher: a bounded buffer drained by one thread that talks to the broker.
+
+``emit`` only appends to the buffer, so a slow or absent broker never blocks the web app's
+event loop. The thread publishes in batches (pipelined where kombu's transport supports it),
+keeps unpublished events at the head of the buffer while the broker is away, and on shutdown
+flushes within a bounded time, logging the count of what it could not publish.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from kombu import Producer
+
+from litestar_celery_events.config import redact_url
+from litestar_celery_events.errors import EventBufferFullError
+from litestar_celery_events.message import CONTENT_ENCODING, CONTENT_TYPE, Emission, task_headers
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from kombu import Connection, Queue
+
+    from litestar_celery_events.config import CeleryEventsConfig
+
+__all__ = ("KombuTransport", "Publisher")
+
+logger = logging.getLogger("litestar_celery_events.publisher")
+
+IDLE_WAIT_S = 0.5
+MAX_RECONNECT_DELAY_S = 2.0
+
+
+class KombuTransport:
+    """Publishes emissions as Celery protocol v2 messages through kombu (any broker Celery supports)."""
+
+    def __init__(self, celery_app: Celery) -> None:
+        self._app = celery_app
+        self._origin = f"gen{os.getpid()}@{socket.gethostname()}"
+        self._connection: Connection | None = None
+        self._producer: Producer | None = None
+        self._declared: set[str] = set()
+        self._default_queue: str = celery_app.conf.task_default_queue
+
+    def _queue(self, name: str | None) -> Queue:
+        return self._app.amqp.queues[name or self._default_queue]  # type: ignore[no-any-return]
+
+    def _ensure_producer(self) -> Producer:
+        if self._producer is None:
+            connection = self._app.connection_for_write()
+            connection.ensure_connection(max_retries=1)
+            self._connection = connection
+            self._producer = Producer(connection.default_channel, serializer="json")
+            self._declared.clear()
+        return self._producer
+
+    def publish(self, batch: list[Emission], done: list[int]) -> None:
+        """Publish ``batch`` in order; ``done[0]`` counts those sent (kept correct if this raises)."""
+        producer = self._ensure_producer()
+        if len(batch) > 1 and getattr(producer, "supports_batch_publish", False):
+            with producer.batch(max_size=len(batch)):
+                for emission in batch:
+                    self._publish_one(producer, emission)
+            done[0] = len(batch)
+        else:
+            for emission in batch:
+                self._publish_one(producer, emission)
+                done[0] += 1
+
+    def _publish_one(self, producer: Producer, emission: Emission) -> None:
+        queue = self._queue(emission.queue)
+        declare = None
+        if queue.name not in self._declared:
+            declare = [queue]
+            self._declared.add(queue.name)
+        producer.publish(
+            emission.body,
+            exchange=queue.exchange.name,
+            routing_key=queue.routing_key,
+            headers=task_headers(emission, self._origin),
+            content_type=CONTENT_TYPE,
+            content_encoding=CONTENT_ENCODING,
+            correlation_id=emission.emission_id,
+            reply_to="",
+            delivery_mode=2,
+            declare=declare,
+            retry=False,
+        )
+
+    def close(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.release()
+            except Exception:  # noqa: BLE001 - closing a broken connection must not raise
+                pass
+        self._connection = None
+        self._producer = None
+
+
+class Publisher:
+    """A bounded buffer of emissions and the thread that drains it to the broker."""
+
+    def __init__(self, celery_app: Celery, config: CeleryEventsConfig, transport: Any = None) -> None:
+        self._config = config
+        self._transport = transport or KombuTransport(celery_app)
+        self._broker = redact_url(config.resolved_broker_url)
+        self._buffer: deque[Emission] = deque()
+        self._wakeup = threading.Event()
+        self._idle = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._in_flight: list[Emission] = []
+        self._flush_deadline_passed = False
+        self.published = 0
+        self.dropped = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and not self._stopping
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="celery-events-publisher", daemon=True)
+        self._thread.start()
+
+    def submit(self, emission: Emission) -> None:
+        """Hand ``emission`` to the publisher thread (no I/O on the caller's thread)."""
+        buffer = self._buffer
+        if len(buffer) >= self._config.max_buffered_events:
+            self._overflow(emission)
+        buffer.append(emission)
+        if self._idle:
+            self._wakeup.set()
+
+    def _overflow(self, emission: Emission) -> None:
+        if self._config.buffer_full_policy == "raise":
+            raise EventBufferFullError(
+                f"cannot emit event {emission.event_id!r}: {len(self._buffer)} events are waiting for the broker "
+                f"({self._broker}); raise max_buffered_events or check the broker"
+            )
+        lost = self._buffer.popleft()
+        self.dropped += 1
+        logger.error(
+            "publisher buffer full: dropped oldest event %r (emission %s); %d dropped so far",
+            lost.event_id,
+            lost.emission_id,
+            self.dropped,
+        )
+
+    def stop(self, timeout_s: float | None = None) -> int:
+        """Flush for at most ``timeout_s`` and stop; return (and log) how many events stayed unpublished."""
+        thread = self._thread
+        if thread is None:
+            return 0
+        deadline = time.monotonic() + (self._config.flush_timeout_s if timeout_s is None else timeout_s)
+        self._stopping = True
+        self._wakeup.set()
+        while self._buffer and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self._flush_deadline_passed = True
+        self._wakeup.set()
+        thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+        unpublished = list(self._buffer) + (self._in_flight if thread.is_alive() else [])
+        self._thread = None
+        left = len(unpublished)
+        if left:
+            logger.error(
+                "%d emitted event(s) could not be published to %s before shutdown and are lost: %s",
+                left,
+                self._broker,
+                ", ".join(sorted({e.event_id for e in unpublished})),
+            )
+        self._transport.close()
+        return left
+
+    def _next_batch(self) -> list[Emission]:
+        buffer = self._buffer
+        size = min(len(buffer), self._config.publish_batch_size)
+        return [buffer.popleft() for _ in range(size)]
+
+    def _run(self) -> None:
+        failures = 0
+        self._flush_deadline_passed = False
+        while True:
+            if not self._buffer:
+                if self._stopping:
+                    return
+                self._idle = True
+                if not self._buffer:
+                    self._wakeup.wait(IDLE_WAIT_S)
+                self._idle = False
+                self._wakeup.clear()
+                continue
+            if self._flush_deadline_passed:
+                return
+            batch = self._in_flight = self._next_batch()
+            done = [0]
+            try:
+                self._transport.publish(batch, done)
+            except Exception as exc:  # noqa: BLE001 - any broker error: keep the events, retry later
+                self._buffer.extendleft(reversed(batch[done[0] :]))
+                self.published += done[0]
+                self._in_flight = []
+                failures += 1
+                self._transport.close()
+                if failures == 1 or failures % 50 == 0:
+                    logger.warning(
+                        "cannot publish to %s (%s); %d event(s) waiting, retrying",
+                        self._broker,
+                        redact_url(str(exc)),
+                        len(self._buffer),
+                    )
+                self._wakeup.wait(min(MAX_RECONNECT_DELAY_S, 0.05 * 2 ** min(failures, 6)))
+                self._wakeup.clear()
+                continue
+            if failures:
+                logger.warning("publishing to %s again after %d failed attempt(s)", self._broker, failures)
+                failures = 0
+            self.published += len(batch)
+            self._in_flight = []

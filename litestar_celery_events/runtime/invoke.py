@@ -1,0 +1,22 @@
+"""Calling one listener: the original function, sync directly, async on the persistent loop."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from litestar_celery_events.runtime.event_loop import run_coroutine
+
+if TYPE_CHECKING:
+    from litestar_celery_events.listeners import ListenerSpec
+
+__all__ = ("call_listener",)
+
+logger = logging.getLogger("litestar_celery_events.worker")
+
+
+def call_listener(spec: ListenerSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Run ``spec``; its exceptions propagate (that is what makes Celery retry)."""
+    result = run_coroutine(spec.fn(*args, **kwargs)) if spec.is_async else spec.fn(*args, **kwargs)
+    if result is not None:
+        logger.debug("listener %s returned %r; listener return values are ignored", spec.name, result)

@@ -1,0 +1,64 @@
+"""Builds the worker's Celery app from a Litestar app: same config, one task per event."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import TYPE_CHECKING
+
+from celery import signals
+from litestar import Litestar
+
+from litestar_celery_events.emitter import CeleryEventEmitter
+from litestar_celery_events.runtime.tasks import register_event_tasks
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ("DEFAULT_LITESTAR_APP", "LITESTAR_APP_ENV", "create_worker_app", "load_litestar_app")
+
+LITESTAR_APP_ENV = "LITESTAR_APP"
+DEFAULT_LITESTAR_APP = "demo.app:app"
+
+
+def load_litestar_app(path: str | None = None) -> Litestar:
+    """Import ``module:attribute`` (Litestar CLI's convention); default env ``LITESTAR_APP``, then the demo."""
+    path = path or os.environ.get(LITESTAR_APP_ENV) or DEFAULT_LITESTAR_APP
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"{LITESTAR_APP_ENV} must look like 'module:attribute', got {path!r}")
+    target = getattr(importlib.import_module(module_name), attribute)
+    app = target() if callable(target) and not isinstance(target, Litestar) else target
+    if not isinstance(app, Litestar):
+        raise TypeError(f"{path} is {type(app).__name__}, not a Litestar app")
+    return app
+
+
+def create_worker_app(litestar_app: Litestar | str | None = None) -> Celery:
+    """The Celery app that ``celery -A worker worker|beat|flower`` runs for ``litestar_app``."""
+    app = litestar_app if isinstance(litestar_app, Litestar) else load_litestar_app(litestar_app)
+    emitter = app.event_emitter
+    if not isinstance(emitter, CeleryEventEmitter):
+        raise TypeError("the Litestar app has no CeleryEventsPlugin: add plugins=[CeleryEventsPlugin(config)]")
+    celery_app = emitter.celery_app
+    register_event_tasks(celery_app, emitter.registry, emitter.config)
+    _start_emitter_in_workers(emitter)
+    celery_app.litestar_app = app  # type: ignore[attr-defined]
+    return celery_app
+
+
+def _start_emitter_in_workers(emitter: CeleryEventEmitter) -> None:
+    """Listeners may emit too: run the emitter's publisher in each process that runs tasks."""
+
+    def start(**_: object) -> None:
+        if not emitter.running:
+            emitter.start()
+
+    def stop(**_: object) -> None:
+        if emitter.running:
+            emitter.stop()
+
+    signals.worker_process_init.connect(start, weak=False)
+    signals.worker_ready.connect(start, weak=False)
+    signals.worker_process_shutdown.connect(stop, weak=False)
+    signals.worker_shutdown.connect(stop, weak=False)

