@@ -25,7 +25,6 @@ RUNS_FILE = config.resolved_data_dir / "demo-runs.jsonl"
 
 def record(listener_name: str, *args: Any, **kwargs: Any) -> None:
     line = json.dumps({"listener": listener_name, "pid": os.getpid(), "args": args, "kwargs": kwargs})
-    print(f"[pid {os.getpid()}] {listener_name}(args={args}, kwargs={kwargs})", flush=True)
     Path(RUNS_FILE).parent.mkdir(parents=True, exist_ok=True)
     with open(RUNS_FILE, "a", encoding="utf-8") as runs:
         runs.write(line + "\n")
@@ -64,7 +63,8 @@ class DeleteUserDTO:
 
 @post("/users")
 async def create_user_handler(
-    data: Annotated[CreateUserDTO, Body(media_type=RequestEncodingType.JSON)], request: Request[Any, Any, Any]) -> dict[str, str]:
+    data: Annotated[CreateUserDTO, Body(media_type=RequestEncodingType.JSON)], request: Request[Any, Any, Any]
+) -> dict[str, str]:
     request.app.emit("user_created", email=data.email)
     return {"created": data.email}
 

@@ -12,8 +12,6 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from celery import Celery
 
-    from litestar_celery_events.scheduling import PeriodicEvent
-
 __all__ = (
     "BROKER_URL_ENV",
     "DEFAULT_FLUSH_TIMEOUT_S",
@@ -110,8 +108,6 @@ class CeleryEventsConfig:
     """Encoded arguments above this size raise ``PayloadTooLargeError`` at ``emit``."""
     check_signatures: bool = True
     """At ``emit``, check that every listener accepts the emitted arguments (a cheap check)."""
-    periodic: list[PeriodicEvent] = field(default_factory=list)
-    """Events that ``celery -A worker beat`` emits on a schedule."""
     timezone: str = "UTC"
     """Timezone of periodic schedules."""
 

@@ -78,8 +78,12 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
     ) -> None:
         await anyio.to_thread.run_sync(self.stop)
 
-    def emit(self, event_id: str, *args: Any, **kwargs: Any) -> str:
-        """Enqueue ``event_id`` for its listeners; return the emission id (also the Celery task id)."""
+    def emit(self, event_id: str, *args: Any, **kwargs: Any) -> None:
+        """Litestar's ``emit``: enqueue ``event_id`` for its listeners (``app.emit`` calls this)."""
+        self.publisher.submit(self.prepare(event_id, args, kwargs))
+
+    def enqueue(self, event_id: str, *args: Any, **kwargs: Any) -> str:
+        """Like ``emit``, and return the emission id (also the Celery task id)."""
         return self.submit(self.prepare(event_id, args, kwargs))
 
     def prepare(self, event_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Emission:

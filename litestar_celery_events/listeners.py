@@ -206,7 +206,9 @@ class ListenerRegistry:
         except KeyError:
             raise ImproperlyConfiguredException(f"no event listeners are registered for event ID: {event_id}") from None
 
-    def check_arguments(self, event_id: str, specs: Iterable[ListenerSpec], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    def check_arguments(
+        self, event_id: str, specs: Iterable[ListenerSpec], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> None:
         for spec in specs:
             problem = spec.check.problem(args, kwargs)
             if problem is not None:

@@ -40,7 +40,7 @@ LISTENERS_HEADER = "listeners"
 _EMBED = ',{"callbacks":null,"errbacks":null,"chain":null,"chord":null}]'
 
 
-class _StrictEncoder(JSONEncoder):
+class _StrictEncoder(JSONEncoder):  # type: ignore[misc]  # kombu is untyped here
     """kombu's JSON (datetime, date, time, UUID, Decimal, bytes round-trip) with a clear error."""
 
     def default(self, o: Any) -> Any:
@@ -56,7 +56,7 @@ _encoder = _StrictEncoder(separators=(",", ":"), ensure_ascii=False)
 def encode_body(event_id: str, args: tuple[Any, ...], kwargs: dict[str, Any], max_bytes: int) -> bytes:
     """Encode ``[args, kwargs, embed]`` (Celery's protocol v2 body) or raise at the call site."""
     try:
-        body = ("[" + _encoder.encode(args) + "," + _encoder.encode(kwargs) + _EMBED).encode()
+        body: bytes = ("[" + _encoder.encode(args) + "," + _encoder.encode(kwargs) + _EMBED).encode()
     except EventPayloadError as exc:
         raise EventPayloadError(
             f"cannot emit event {event_id!r}: {exc} is not JSON-serialisable "

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from litestar.plugins import InitPluginProtocol
+from litestar.plugins import CLIPluginProtocol, InitPluginProtocol
 
 from litestar_celery_events.config import CeleryEventsConfig
 from litestar_celery_events.emitter import CeleryEventEmitter
 
 if TYPE_CHECKING:
+    from click import Group
     from litestar.config.app import AppConfig
 
 __all__ = ("CeleryEventsPlugin",)
 
 
-class CeleryEventsPlugin(InitPluginProtocol):
+class CeleryEventsPlugin(InitPluginProtocol, CLIPluginProtocol):
     """Run Litestar event listeners on Celery workers: ``Litestar(plugins=[CeleryEventsPlugin(config)])``."""
 
     __slots__ = ("config",)
@@ -27,3 +28,8 @@ class CeleryEventsPlugin(InitPluginProtocol):
         # Litestar instantiates the backend with only ``listeners=``: the config rides on a subclass.
         app_config.event_emitter_backend = CeleryEventEmitter.bound_to(self.config)
         return app_config
+
+    def on_cli_init(self, cli: Group) -> None:
+        from litestar_celery_events.cli import events_group
+
+        cli.add_command(events_group)

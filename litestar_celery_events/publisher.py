@@ -9,26 +9,22 @@ flushes within a bounded time, logging the count of what it could not publish.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
-
-from kombu import Producer
+from typing import TYPE_CHECKING
 
 from litestar_celery_events.config import redact_url
 from litestar_celery_events.errors import EventBufferFullError
-from litestar_celery_events.message import CONTENT_ENCODING, CONTENT_TYPE, Emission, task_headers
+from litestar_celery_events.transports import Transport, transport_for
 
 if TYPE_CHECKING:
     from celery import Celery
-    from kombu import Connection, Queue
 
     from litestar_celery_events.config import CeleryEventsConfig
+    from litestar_celery_events.message import Emission
 
-__all__ = ("KombuTransport", "Publisher")
+__all__ = ("Publisher",)
 
 logger = logging.getLogger("litestar_celery_events.publisher")
 
@@ -36,78 +32,12 @@ IDLE_WAIT_S = 0.5
 MAX_RECONNECT_DELAY_S = 2.0
 
 
-class KombuTransport:
-    """Publishes emissions as Celery protocol v2 messages through kombu (any broker Celery supports)."""
-
-    def __init__(self, celery_app: Celery) -> None:
-        self._app = celery_app
-        self._origin = f"gen{os.getpid()}@{socket.gethostname()}"
-        self._connection: Connection | None = None
-        self._producer: Producer | None = None
-        self._declared: set[str] = set()
-        self._default_queue: str = celery_app.conf.task_default_queue
-
-    def _queue(self, name: str | None) -> Queue:
-        return self._app.amqp.queues[name or self._default_queue]  # type: ignore[no-any-return]
-
-    def _ensure_producer(self) -> Producer:
-        if self._producer is None:
-            connection = self._app.connection_for_write()
-            connection.ensure_connection(max_retries=1)
-            self._connection = connection
-            self._producer = Producer(connection.default_channel, serializer="json")
-            self._declared.clear()
-        return self._producer
-
-    def publish(self, batch: list[Emission], done: list[int]) -> None:
-        """Publish ``batch`` in order; ``done[0]`` counts those sent (kept correct if this raises)."""
-        producer = self._ensure_producer()
-        if len(batch) > 1 and getattr(producer, "supports_batch_publish", False):
-            with producer.batch(max_size=len(batch)):
-                for emission in batch:
-                    self._publish_one(producer, emission)
-            done[0] = len(batch)
-        else:
-            for emission in batch:
-                self._publish_one(producer, emission)
-                done[0] += 1
-
-    def _publish_one(self, producer: Producer, emission: Emission) -> None:
-        queue = self._queue(emission.queue)
-        declare = None
-        if queue.name not in self._declared:
-            declare = [queue]
-            self._declared.add(queue.name)
-        producer.publish(
-            emission.body,
-            exchange=queue.exchange.name,
-            routing_key=queue.routing_key,
-            headers=task_headers(emission, self._origin),
-            content_type=CONTENT_TYPE,
-            content_encoding=CONTENT_ENCODING,
-            correlation_id=emission.emission_id,
-            reply_to="",
-            delivery_mode=2,
-            declare=declare,
-            retry=False,
-        )
-
-    def close(self) -> None:
-        if self._connection is not None:
-            try:
-                self._connection.release()
-            except Exception:  # noqa: BLE001 - closing a broken connection must not raise
-                pass
-        self._connection = None
-        self._producer = None
-
-
 class Publisher:
     """A bounded buffer of emissions and the thread that drains it to the broker."""
 
-    def __init__(self, celery_app: Celery, config: CeleryEventsConfig, transport: Any = None) -> None:
+    def __init__(self, celery_app: Celery, config: CeleryEventsConfig, transport: Transport | None = None) -> None:
         self._config = config
-        self._transport = transport or KombuTransport(celery_app)
+        self._transport = transport or transport_for(celery_app)
         self._broker = redact_url(config.resolved_broker_url)
         self._buffer: deque[Emission] = deque()
         self._wakeup = threading.Event()

@@ -43,7 +43,7 @@ def create_worker_app(litestar_app: Litestar | str | None = None) -> Celery:
     celery_app = emitter.celery_app
     register_event_tasks(celery_app, emitter.registry, emitter.config)
     _start_emitter_in_workers(emitter)
-    celery_app.litestar_app = app  # type: ignore[attr-defined]
+    celery_app.litestar_app = app
     return celery_app
 
 

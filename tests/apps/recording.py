@@ -82,7 +82,9 @@ def always_fails(n: int) -> None:
 
 
 @post("/users")
-async def create_user(data: Annotated[dict[str, str], Body(media_type=RequestEncodingType.JSON)], request: Request[Any, Any, Any]) -> None:
+async def create_user(
+    data: Annotated[dict[str, str], Body(media_type=RequestEncodingType.JSON)], request: Request[Any, Any, Any]
+) -> None:
     request.app.emit("user_created", email=data["email"])
 
 

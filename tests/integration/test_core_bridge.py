@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 from kombu import Connection, Exchange, Queue
+from kombu.exceptions import ChannelError
 from litestar import Litestar
 from litestar.exceptions import ImproperlyConfiguredException
 from litestar.testing import TestClient
@@ -95,7 +96,7 @@ def test_exhausted_retries_are_reported_with_the_listener_and_emission(
     with TestClient(app):
         emitter = app.event_emitter
         assert isinstance(emitter, CeleryEventEmitter)
-        emission_id = emitter.emit("always_fails", n=1)
+        emission_id = emitter.enqueue("always_fails", n=1)
 
     wait_for(lambda: "failed for good" in worker.output(), timeout=30, what="the final failure report")
     assert len(runs_of(records, "always_fails:attempt")) == 2  # 1 + max_retries
@@ -109,7 +110,10 @@ def _queue_depth(broker_url: str, queue: str) -> int:
     with Connection(broker_url) as connection:
         bound = Queue(queue, Exchange(queue), routing_key=queue)(connection.default_channel)
         bound.declare()
-        return int(bound.queue_declare(passive=True).message_count)
+        try:
+            return int(bound.queue_declare(passive=True).message_count)
+        except ChannelError:  # kombu's Redis transport: an empty queue is no key at all
+            return 0
 
 
 def test_bad_input_raises_at_the_call_site_and_enqueues_nothing(env: dict[str, str]) -> None:
