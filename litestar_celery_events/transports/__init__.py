@@ -14,6 +14,11 @@ __all__ = ("Transport", "transport_for")
 
 def transport_for(celery_app: Celery) -> Transport:
     """The fastest transport that keeps Celery's message format for ``celery_app``'s broker."""
+    from litestar_celery_events.transports.redis import REDIS_SCHEMES, RedisTransport
+
+    if str(celery_app.conf.broker_url).startswith(REDIS_SCHEMES):
+        return RedisTransport(celery_app)
+
     from litestar_celery_events.transports.kombu import KombuTransport
 
     return KombuTransport(celery_app)
