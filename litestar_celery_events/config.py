@@ -29,7 +29,7 @@ DEFAULT_MAX_BUFFERED_EVENTS = 100_000
 DEFAULT_MAX_PAYLOAD_BYTES = 1_000_000
 MAX_EVENT_ID_LENGTH = 200
 
-_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z0-9+.\-]+://[^:/@\s]*:)(?P<secret>[^@\s]+)(?P<tail>@)", re.IGNORECASE)
+_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z0-9+.\-]+://[^:/@\s]*:)(?P<secret>\S+)(?P<tail>@)", re.IGNORECASE)
 
 
 def redact_url(text: str) -> str:

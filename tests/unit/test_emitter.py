@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from litestar import Litestar
+from litestar.events import listener as litestar_listener
+
+from litestar_celery_events import (
+    CeleryEventEmitter,
+    CeleryEventsConfig,
+    CeleryEventsPlugin,
+    EmitterNotRunningError,
+    create_worker_app,
+    listener,
+)
+
+
+@litestar_listener("user_created")
+async def welcome(email: str) -> None: ...
+
+
+@listener("user_deleted", max_retries=5, queue="mail")
+def farewell(email: str, **kwargs: Any) -> None: ...
+
+
+def _app(tmp_path: Path, **config: Any) -> Litestar:
+    return Litestar(
+        listeners=[welcome, farewell],
+        plugins=[CeleryEventsPlugin(CeleryEventsConfig(data_dir=str(tmp_path), **config))],
+    )
+
+
+def test_the_plugin_installs_a_backend_bound_to_its_config(tmp_path: Path) -> None:
+    app = _app(tmp_path, task_name_prefix="myevents")
+    assert isinstance(app.event_emitter, CeleryEventEmitter)
+    assert app.event_emitter.config.task_name_prefix == "myevents"
+    assert set(app.event_emitter.registry.by_event) == {"user_created", "user_deleted"}
+
+
+def test_emitting_outside_the_lifespan_raises_a_clear_runtime_error(tmp_path: Path) -> None:
+    app = _app(tmp_path)
+    with pytest.raises(RuntimeError, match="the event emitter is not running") as excinfo:
+        app.emit("user_created", email="a")
+    assert isinstance(excinfo.value, EmitterNotRunningError)
+
+
+def test_the_lifespan_starts_and_stops_the_publisher(tmp_path: Path) -> None:
+    app = _app(tmp_path)
+    emitter = app.event_emitter
+    assert isinstance(emitter, CeleryEventEmitter)
+
+    async def run() -> str:
+        async with app.lifespan():
+            assert emitter.running
+            return emitter.enqueue("user_created", email="a@example.com")
+
+    emission_id = asyncio.run(run())
+    assert not emitter.running
+    assert emission_id
+    assert emitter.publisher.pending == 0
+
+
+def test_the_worker_app_registers_one_task_per_event_and_per_listener(tmp_path: Path) -> None:
+    celery_app = create_worker_app(_app(tmp_path))
+    names = {name for name in celery_app.tasks if name.startswith("events.")}
+    assert names == {
+        "events.user_created",
+        "events.user_created[tests.unit.test_emitter.welcome]",
+        "events.user_deleted",
+        "events.user_deleted[tests.unit.test_emitter.farewell]",
+    }
+    farewell_task = celery_app.tasks["events.user_deleted[tests.unit.test_emitter.farewell]"]
+    assert farewell_task.max_retries == 5
+    assert farewell_task.queue == "mail"
+    assert farewell_task.acks_late is True
+    assert farewell_task.reject_on_worker_lost is True
+
+
+def test_the_worker_refuses_an_app_without_the_plugin() -> None:
+    with pytest.raises(TypeError, match="CeleryEventsPlugin"):
+        create_worker_app(Litestar(listeners=[welcome]))

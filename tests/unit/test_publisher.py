@@ -1,0 +1,121 @@
+"""The publisher against a scripted in-memory transport (pure unit tests, no broker)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+from celery import Celery
+
+from litestar_celery_events import CeleryEventsConfig, EventBufferFullError
+from litestar_celery_events.message import Emission
+from litestar_celery_events.publisher import Publisher
+from tests.helpers import wait_for
+
+
+class ScriptedTransport:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.down = threading.Event()
+        self.block = threading.Event()
+        self.batches: list[int] = []
+
+    def publish(self, batch: list[Emission], done: list[int]) -> None:
+        if self.block.is_set():
+            time.sleep(60)
+        for emission in batch:
+            if self.down.is_set():
+                raise ConnectionError("redis://user:hunter2@broker:6379 refused")
+            self.sent.append(emission.emission_id)
+            done[0] += 1
+        self.batches.append(len(batch))
+
+    def close(self) -> None:
+        pass
+
+
+def _emission(n: int) -> Emission:
+    return Emission("e", f"id-{n}", "events.e", b"[[],{},{}]", (), {})
+
+
+def _publisher(transport: ScriptedTransport, **config: object) -> Publisher:
+    app = Celery(set_as_current=False)
+    return Publisher(app, CeleryEventsConfig(broker_url="redis://user:hunter2@broker:6379/0", **config), transport)  # type: ignore[arg-type]
+
+
+def test_events_are_published_in_order_and_in_batches() -> None:
+    transport = ScriptedTransport()
+    publisher = _publisher(transport, publish_batch_size=100)
+    for n in range(1000):
+        publisher.submit(_emission(n))
+    publisher.start()
+    wait_for(lambda: len(transport.sent) == 1000, what="all published")
+    assert transport.sent == [f"id-{n}" for n in range(1000)]
+    assert max(transport.batches) == 100
+    assert publisher.stop() == 0
+
+
+def test_events_wait_while_the_broker_is_down_and_go_out_in_order_when_it_returns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    transport = ScriptedTransport()
+    publisher = _publisher(transport)
+    publisher.start()
+    transport.down.set()
+    for n in range(50):
+        publisher.submit(_emission(n))
+    wait_for(lambda: "cannot publish" in caplog.text, what="the outage warning")
+    assert publisher.pending == 50
+    transport.down.clear()
+    wait_for(lambda: len(transport.sent) == 50, what="publishing after the outage")
+    assert transport.sent == [f"id-{n}" for n in range(50)]
+    assert "hunter2" not in caplog.text
+    publisher.stop()
+
+
+def test_shutdown_logs_the_count_of_events_it_could_not_publish(caplog: pytest.LogCaptureFixture) -> None:
+    transport = ScriptedTransport()
+    transport.down.set()
+    publisher = _publisher(transport)
+    publisher.start()
+    for n in range(7):
+        publisher.submit(_emission(n))
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR):
+        assert publisher.stop(timeout_s=0.3) == 7
+    assert time.monotonic() - started < 5
+    assert "7 emitted event(s) could not be published" in caplog.text
+    assert "hunter2" not in caplog.text
+
+
+def test_shutdown_is_bounded_even_when_a_publish_hangs(caplog: pytest.LogCaptureFixture) -> None:
+    transport = ScriptedTransport()
+    transport.block.set()
+    publisher = _publisher(transport)
+    publisher.start()
+    publisher.submit(_emission(1))
+    time.sleep(0.1)
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR):
+        assert publisher.stop(timeout_s=0.2) == 1
+    assert time.monotonic() - started < 3
+
+
+def test_a_full_buffer_raises_by_default() -> None:
+    publisher = _publisher(ScriptedTransport(), max_buffered_events=3)
+    for n in range(3):
+        publisher.submit(_emission(n))
+    with pytest.raises(EventBufferFullError, match="3 events are waiting for the broker"):
+        publisher.submit(_emission(4))
+
+
+def test_a_full_buffer_can_drop_the_oldest_with_an_error_log(caplog: pytest.LogCaptureFixture) -> None:
+    publisher = _publisher(ScriptedTransport(), max_buffered_events=2, buffer_full_policy="drop_oldest")
+    with caplog.at_level(logging.ERROR):
+        for n in range(3):
+            publisher.submit(_emission(n))
+    assert publisher.pending == 2
+    assert publisher.dropped == 1
+    assert "dropped oldest event 'e' (emission id-0)" in caplog.text
