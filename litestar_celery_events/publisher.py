@@ -9,6 +9,7 @@ flushes within a bounded time, logging the count of what it could not publish.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -37,7 +38,10 @@ class Publisher:
 
     def __init__(self, celery_app: Celery, config: CeleryEventsConfig, transport: Transport | None = None) -> None:
         self._config = config
+        self._celery_app = celery_app
+        self._owns_transport = transport is None
         self._transport = transport or transport_for(celery_app)
+        self._pid = os.getpid()
         self._broker = redact_url(config.resolved_broker_url)
         self._buffer: deque[Emission] = deque()
         self._wakeup = threading.Event()
@@ -58,8 +62,14 @@ class Publisher:
         return self._thread is not None and not self._stopping
 
     def start(self) -> None:
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
             return
+        if self._pid != os.getpid():
+            # A forked child (a Celery pool process): the parent publishes what it buffered, and the
+            # parent's broker connection is left alone (closing it here could close it for both).
+            self._buffer.clear()
+            self._transport = transport_for(self._celery_app) if self._owns_transport else self._transport
+            self._pid = os.getpid()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="celery-events-publisher", daemon=True)
         self._thread.start()

@@ -51,8 +51,7 @@ def _start_emitter_in_workers(emitter: CeleryEventEmitter) -> None:
     """Listeners may emit too: run the emitter's publisher in each process that runs tasks."""
 
     def start(**_: object) -> None:
-        if not emitter.running:
-            emitter.start()
+        emitter.start()  # idempotent; in a forked child it starts afresh
 
     def stop(**_: object) -> None:
         if emitter.running:

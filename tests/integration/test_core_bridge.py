@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 from collections.abc import Iterator
@@ -157,3 +158,18 @@ def test_emit_returns_at_once_while_redis_is_paused_and_events_arrive_afterwards
             what="the events emitted during the pause",
         )
     assert slowest < 0.05, f"slowest emit took {slowest * 1000:.1f} ms during the pause"
+
+
+def test_a_listener_can_emit_another_event_from_the_worker(env: dict[str, str], tmp_path: Path) -> None:
+    from tests.apps import chaining
+
+    chaining = importlib.reload(chaining)  # its module-level app reads CELERY_BROKER_URL at import
+    records = Path(env["RECORD_FILE"])
+    worker_env = {**env, "LITESTAR_APP": "tests.apps.chaining:app"}
+    with celery_worker(worker_env, tmp_path / "worker.log", queues=os.environ["TEST_QUEUE"]):
+        with TestClient(chaining.app):
+            chaining.app.emit("order_paid", order_id=42)
+        wait_for(lambda: runs_of(records, "ship"), timeout=30, what="the relayed event")
+    (relay,) = runs_of(records, "relay_to_shipping")
+    (shipped,) = runs_of(records, "ship")
+    assert shipped["kwargs"] == {"order_id": 42, "relayed_by": relay["pid"]}
