@@ -27,6 +27,7 @@ DEFAULT_DATA_DIR = ".celery-events"
 DEFAULT_FLUSH_TIMEOUT_S = 5.0
 DEFAULT_MAX_BUFFERED_EVENTS = 100_000
 DEFAULT_MAX_PAYLOAD_BYTES = 1_000_000
+DEFAULT_MAX_SPOOLED_EVENTS = 1_000_000
 MAX_EVENT_ID_LENGTH = 200
 
 _PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z0-9+.\-]+://[^:/@\s]*:)(?P<secret>\S+)(?P<tail>@)", re.IGNORECASE)
@@ -110,6 +111,21 @@ class CeleryEventsConfig:
     """At ``emit``, check that every listener accepts the emitted arguments (a cheap check)."""
     timezone: str = "UTC"
     """Timezone of periodic schedules."""
+    spool: bool = False
+    """Durable local spool (SQLite under ``data_dir/spool``): while the broker is unreachable, events
+    go to disk instead of memory, so a web-process crash during an outage loses none of them; the
+    next process started on the same ``data_dir`` publishes what a dead one left, oldest first."""
+    spool_after_events: int = 0
+    """With ``spool``: events kept in memory only during an outage before the spool takes over;
+    ``0`` spools every event as soon as a publish fails."""
+    max_spooled_events: int = DEFAULT_MAX_SPOOLED_EVENTS
+    """Most events one process keeps in its spool."""
+    spool_full_policy: Literal["raise", "drop_oldest"] = "raise"
+    """When the spool is full: raise ``EventBufferFullError`` at ``emit`` or drop the oldest spooled
+    event with an error log. Never silent."""
+    failed_store_url: str | None = None
+    """Where failed events are recorded: a ``redis://`` URL or ``sqlite:///path``. Default: the
+    broker's Redis when the broker is Redis, else ``data_dir/failed.sqlite3`` (one machine)."""
 
     def __post_init__(self) -> None:
         if not self.task_name_prefix or any(c.isspace() for c in self.task_name_prefix):
@@ -122,6 +138,10 @@ class CeleryEventsConfig:
             raise ValueError("publish_batch_size must be at least 1")
         if self.buffer_full_policy not in ("raise", "drop_oldest"):
             raise ValueError("buffer_full_policy must be 'raise' or 'drop_oldest'")
+        if self.spool_full_policy not in ("raise", "drop_oldest"):
+            raise ValueError("spool_full_policy must be 'raise' or 'drop_oldest'")
+        if self.spool_after_events < 0 or self.max_spooled_events < 1:
+            raise ValueError("spool_after_events must be >= 0 and max_spooled_events >= 1")
 
     @property
     def resolved_data_dir(self) -> Path:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from litestar_celery_events.config import CeleryEventsConfig
     from litestar_celery_events.message import Emission
+    from litestar_celery_events.spool import Spool
 
 __all__ = ("Publisher",)
 
@@ -52,10 +53,21 @@ class Publisher:
         self._flush_deadline_passed = False
         self.published = 0
         self.dropped = 0
+        self.spool: Spool | None = None
+        if config.spool:
+            from litestar_celery_events.spool import Spool
+
+            self.spool = Spool(config)
+        self._spool_after = config.spool_after_events
 
     @property
     def pending(self) -> int:
         return len(self._buffer)
+
+    @property
+    def spooled(self) -> int:
+        """Events waiting in this process's spool files (0 without ``spool``)."""
+        return 0 if self.spool is None else self.spool.depth
 
     @property
     def running(self) -> bool:
@@ -70,14 +82,26 @@ class Publisher:
             self._buffer.clear()
             self._transport = transport_for(self._celery_app) if self._owns_transport else self._transport
             self._pid = os.getpid()
+        if self.spool is not None:
+            self.spool.adopt_orphans()  # what a dead process left on disk goes out first
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="celery-events-publisher", daemon=True)
         self._thread.start()
 
     def submit(self, emission: Emission) -> None:
-        """Hand ``emission`` to the publisher thread (no I/O on the caller's thread)."""
+        """Hand ``emission`` to the publisher thread (no network I/O on the caller's thread)."""
+        spool = self.spool
+        if spool is not None and spool.active:  # the broker is away: on disk before emit returns
+            spool.put_or_raise(emission)
+            if self._idle:
+                self._wakeup.set()
+            return
         buffer = self._buffer
         if len(buffer) >= self._config.max_buffered_events:
+            if spool is not None:
+                spool.spill(buffer)
+                spool.put_or_raise(emission)
+                return
             self._overflow(emission)
         buffer.append(emission)
         if self._idle:
@@ -106,13 +130,26 @@ class Publisher:
         deadline = time.monotonic() + (self._config.flush_timeout_s if timeout_s is None else timeout_s)
         self._stopping = True
         self._wakeup.set()
-        while self._buffer and thread.is_alive() and time.monotonic() < deadline:
+        spool = self.spool
+        while (self._buffer or (spool and spool.active)) and thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.005)
         self._flush_deadline_passed = True
         self._wakeup.set()
         thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
         unpublished = list(self._buffer) + (self._in_flight if thread.is_alive() else [])
         self._thread = None
+        if spool is not None:
+            refused = spool.put(unpublished) if unpublished else []
+            on_disk = spool.close()
+            if on_disk:
+                logger.error(
+                    "%d emitted event(s) could not be published to %s before shutdown; they stay in the spool "
+                    "under %s and the next process started with this data_dir publishes them",
+                    on_disk,
+                    self._broker,
+                    spool.folder,
+                )
+            unpublished = refused
         left = len(unpublished)
         if left:
             logger.error(
@@ -133,6 +170,12 @@ class Publisher:
         failures = 0
         self._flush_deadline_passed = False
         while True:
+            spool = self.spool
+            if spool is not None and (spool.active or (failures and len(self._buffer) > self._spool_after)):
+                if self._flush_deadline_passed:
+                    return
+                failures = self._publish_from_spool(spool, failures)
+                continue
             if not self._buffer:
                 if self._stopping:
                     return
@@ -169,3 +212,40 @@ class Publisher:
                 failures = 0
             self.published += len(batch)
             self._in_flight = []
+
+    def _publish_from_spool(self, spool: Spool, failures: int) -> int:
+        """One round while events wait on disk: spill memory to disk, publish the oldest batch."""
+        spool.spill(self._buffer)  # keeps the order: whatever is in memory is newer than the spool
+        source, rows = spool.oldest(self._config.publish_batch_size)
+        if source is None:
+            return failures
+        batch = [emission for _, emission in rows]
+        done = [0]
+        try:
+            self._transport.publish(batch, done)
+        except Exception as exc:  # noqa: BLE001 - any broker error: the events stay on disk
+            if done[0]:
+                spool.published(source, rows[done[0] - 1][0])
+                self.published += done[0]
+            failures += 1
+            self._transport.close()
+            if failures == 1 or failures % 50 == 0:
+                logger.warning(
+                    "cannot publish to %s (%s); %d event(s) in the spool, retrying",
+                    self._broker,
+                    redact_url(str(exc)),
+                    spool.depth,
+                )
+            self._wakeup.wait(min(MAX_RECONNECT_DELAY_S, 0.05 * 2 ** min(failures, 6)))
+            self._wakeup.clear()
+            return failures
+        spool.published(source, rows[-1][0])
+        self.published += len(batch)
+        if failures:
+            logger.warning(
+                "publishing to %s again after %d failed attempt(s); %d event(s) left in the spool",
+                self._broker,
+                failures,
+                spool.depth,
+            )
+        return 0

@@ -7,9 +7,12 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ("ListenerFailure", "add_failure_sink", "report_failure")
+if TYPE_CHECKING:
+    from litestar_celery_events.failed_store import FailedStore
+
+__all__ = ("ListenerFailure", "add_failure_sink", "record_failures_in", "remove_failure_sink", "report_failure")
 
 logger = logging.getLogger("litestar_celery_events.worker")
 
@@ -52,6 +55,27 @@ def add_failure_sink(sink: FailureSink) -> None:
     """Call ``sink`` with every final listener failure (the failed-events store registers here)."""
     if sink not in _sinks:
         _sinks.append(sink)
+
+
+def remove_failure_sink(sink: FailureSink) -> None:
+    if sink in _sinks:
+        _sinks.remove(sink)
+
+
+def record_failures_in(store: FailedStore) -> FailureSink:
+    """Write every final failure to ``store`` (the worker app does this at start-up)."""
+
+    def record(failure: ListenerFailure) -> None:
+        record_id = store.add(failure)
+        logger.info(
+            "recorded failed event %s in %s: replay with `litestar events failed replay %s`",
+            record_id,
+            store.location,
+            record_id,
+        )
+
+    add_failure_sink(record)
+    return record
 
 
 def report_failure(failure: ListenerFailure) -> None:

@@ -58,12 +58,16 @@ def _check_arguments(spec: ListenerSpec, args: tuple[Any, ...], kwargs: dict[str
         raise ListenerSignatureMismatch(f"listener {spec.name} {problem}")
 
 
-def _failure(task: Task, spec_name: str, exc: BaseException, args: Any, kwargs: Any, attempts: int) -> ListenerFailure:
+def _failure(
+    task: Task, spec_name: str, exc: BaseException, args: Any, kwargs: Any, attempts: int, task_id: str | None = None
+) -> ListenerFailure:
+    # After a hard time limit Celery calls on_failure in the main process: no request context
+    # there, so the emission id comes from the listener task's id (``<emission id>:<listener>``).
     request = task.request
     return ListenerFailure.from_exception(
         exc,
-        event_id=request.get(EVENT_HEADER) or task.name,
-        emission_id=str(request.get("root_id") or request.id),
+        event_id=request.get(EVENT_HEADER) or getattr(task, "event_id", None) or task.name,
+        emission_id=str(request.get("root_id") or request.id or (task_id or "?").removesuffix(f":{spec_name}")),
         listener=spec_name,
         args=list(args),
         kwargs=dict(kwargs),
@@ -77,10 +81,12 @@ class ListenerTask(Task):  # type: ignore[misc]
     """A listener run as a task of its own; Celery's autoretry does the retrying."""
 
     spec: ListenerSpec
+    event_id: str
     dont_autoretry_for = (ListenerSignatureMismatch,)
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        report_failure(_failure(self, self.spec.name, exc, args, kwargs, attempts=self.request.retries + 1))
+        attempts = self.request.retries + 1
+        report_failure(_failure(self, self.spec.name, exc, args, kwargs, attempts=attempts, task_id=task_id))
 
 
 def _register_listener_task(celery_app: Celery, config: CeleryEventsConfig, event_id: str, spec: ListenerSpec) -> Task:
@@ -95,6 +101,7 @@ def _register_listener_task(celery_app: Celery, config: CeleryEventsConfig, even
         bind=True,
         shared=False,
         spec=spec,
+        event_id=event_id,
         **options,
     )(run_listener)
     return task

@@ -10,6 +10,9 @@ from celery import signals
 from litestar import Litestar
 
 from litestar_celery_events.emitter import CeleryEventEmitter
+from litestar_celery_events.failed_store import failed_store_for
+from litestar_celery_events.runtime.failures import record_failures_in
+from litestar_celery_events.runtime.hostile import record_refused_messages
 from litestar_celery_events.runtime.tasks import register_event_tasks
 
 if TYPE_CHECKING:
@@ -42,6 +45,8 @@ def create_worker_app(litestar_app: Litestar | str | None = None) -> Celery:
         raise TypeError("the Litestar app has no CeleryEventsPlugin: add plugins=[CeleryEventsPlugin(config)]")
     celery_app = emitter.celery_app
     register_event_tasks(celery_app, emitter.registry, emitter.config)
+    record_failures_in(failed_store_for(emitter.config, str(celery_app.conf.broker_url)))
+    record_refused_messages(celery_app, emitter.config)
     _start_emitter_in_workers(emitter)
     celery_app.litestar_app = app
     return celery_app

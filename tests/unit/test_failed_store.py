@@ -1,0 +1,122 @@
+"""The failed-events store on both backends: Redis (the private test server) and SQLite."""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from litestar_celery_events import CeleryEventsConfig
+from litestar_celery_events.failed_store import (
+    FailedStore,
+    RedisFailedStore,
+    SqliteFailedStore,
+    failed_store_for,
+    record_id,
+)
+from litestar_celery_events.runtime.failures import ListenerFailure
+
+
+def _failure(
+    emission: str = "em-1", listener: str = "app.listeners.send_mail", event: str = "user_created"
+) -> ListenerFailure:
+    try:
+        raise RuntimeError("smtp down")
+    except RuntimeError as exc:
+        return ListenerFailure.from_exception(
+            exc,
+            event_id=event,
+            emission_id=emission,
+            listener=listener,
+            args=[1],
+            kwargs={"at": datetime.datetime(2026, 1, 2, 3, 4, 5), "amount": Decimal("1.10"), "raw": b"\x00\xff"},
+            attempts=4,
+            permanent=False,
+            emitted_at=123.0,
+        )
+
+
+@pytest.fixture(params=["redis", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FailedStore]:
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        made: FailedStore = RedisFailedStore(url, f"test-{uuid.uuid4().hex[:8]}:failed")
+    else:
+        made = SqliteFailedStore(tmp_path / "failed.sqlite3")
+    yield made
+    made.purge()
+    made.close()
+
+
+def test_a_record_keeps_everything_needed_to_understand_and_replay_the_failure(store: FailedStore) -> None:
+    rid = store.add(_failure())
+    record = store.get(rid)
+    assert record is not None
+    assert record["id"] == rid == record_id("em-1", "app.listeners.send_mail")
+    assert record["event_id"] == "user_created"
+    assert record["emission_id"] == "em-1"
+    assert record["exc_type"] == "builtins.RuntimeError"
+    assert record["message"] == "smtp down"
+    assert "RuntimeError: smtp down" in record["traceback"]
+    assert record["attempts"] == 4
+    assert record["emitted_at"] == 123.0
+    assert record["failed_at"] > 0
+    assert record["args"] == [1]
+    assert record["kwargs"] == {
+        "at": datetime.datetime(2026, 1, 2, 3, 4, 5),
+        "amount": Decimal("1.10"),
+        "raw": b"\x00\xff",
+    }
+
+
+def test_the_same_failure_recorded_twice_is_one_record(store: FailedStore) -> None:
+    store.add(_failure())
+    store.add(_failure())
+    assert store.count() == 1
+
+
+def test_records_filter_by_event_and_by_full_or_short_listener_name(store: FailedStore) -> None:
+    store.add(_failure("a", "app.listeners.send_mail", "user_created"))
+    store.add(_failure("b", "app.listeners.notify", "user_created"))
+    store.add(_failure("c", "app.listeners.send_mail", "user_deleted"))
+    assert [r["emission_id"] for r in store.records()] == ["a", "b", "c"]
+    assert [r["emission_id"] for r in store.records(event_id="user_created")] == ["a", "b"]
+    assert [r["emission_id"] for r in store.records(listener="send_mail")] == ["a", "c"]
+    assert [r["emission_id"] for r in store.records(event_id="user_deleted", listener="app.listeners.send_mail")] == [
+        "c"
+    ]
+
+
+def test_delete_and_purge_report_what_they_removed(store: FailedStore) -> None:
+    ids = [store.add(_failure(str(n))) for n in range(3)]
+    assert store.delete([ids[0], "missing"]) == 1
+    assert store.get(ids[0]) is None
+    assert store.purge() == 2
+    assert store.count() == 0
+
+
+def test_the_store_follows_the_broker(tmp_path: Path) -> None:
+    on_redis = failed_store_for(CeleryEventsConfig(broker_url="redis://:secret@localhost:6379/0"))
+    assert isinstance(on_redis, RedisFailedStore)
+    assert "secret" not in on_redis.location
+    assert on_redis.location.endswith("key events:failed")
+    prefixed = failed_store_for(
+        CeleryEventsConfig(
+            broker_url="redis://localhost/0",
+            task_name_prefix="app",
+            celery_config={"broker_transport_options": {"global_keyprefix": "tenant1:"}},
+        )
+    )
+    assert prefixed.location.endswith("key tenant1:app:failed")
+    on_amqp = failed_store_for(CeleryEventsConfig(broker_url="amqp://guest:guest@localhost//", data_dir=str(tmp_path)))
+    assert isinstance(on_amqp, SqliteFailedStore)
+    assert on_amqp.path == tmp_path / "failed.sqlite3"
+    explicit = failed_store_for(
+        CeleryEventsConfig(broker_url="amqp://x", failed_store_url=f"sqlite:///{tmp_path}/f.db")
+    )
+    assert isinstance(explicit, SqliteFailedStore)
+    assert explicit.path == tmp_path / "f.db"

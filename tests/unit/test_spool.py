@@ -1,0 +1,199 @@
+"""The durable spool behind the publisher, against a scripted transport (no broker)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from litestar_celery_events import CeleryEventsConfig, EventBufferFullError
+from litestar_celery_events.message import Emission
+from litestar_celery_events.publisher import Publisher
+from litestar_celery_events.spool import spool_depth
+from tests.helpers import ROOT, wait_for
+from tests.unit.test_publisher import ScriptedTransport
+
+
+def _emission(n: int) -> Emission:
+    body = f'[[{n}],{{"n":{n}}},{{"callbacks":null,"errbacks":null,"chain":null,"chord":null}}]'.encode()
+    return Emission("e", f"id-{n}", "events.e", body, (n,), {"n": n}, None, 1.0, listeners=("a.b",), retries=0)
+
+
+def _config(tmp_path: Path, **overrides: object) -> CeleryEventsConfig:
+    settings: dict[str, object] = {
+        "broker_url": "redis://user:hunter2@broker:6379/0",
+        "data_dir": str(tmp_path),
+        "spool": True,
+        **overrides,
+    }
+    return CeleryEventsConfig(**settings)  # type: ignore[arg-type]
+
+
+def _publisher(transport: ScriptedTransport, config: CeleryEventsConfig) -> Publisher:
+    return Publisher(Celery(set_as_current=False), config, transport)  # type: ignore[arg-type]
+
+
+def test_events_go_to_disk_during_an_outage_and_out_oldest_first_when_the_broker_returns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    transport = ScriptedTransport()
+    transport.down.set()
+    publisher = _publisher(transport, _config(tmp_path))
+    publisher.start()
+    publisher.submit(_emission(0))
+    wait_for(lambda: publisher.spooled == 1, what="the first event to be spooled")
+    for n in range(1, 200):
+        publisher.submit(_emission(n))
+    assert publisher.spooled == 200
+    assert publisher.pending == 0
+    assert spool_depth(publisher._config) == 200
+    assert "now wait in the spool" in caplog.text
+    transport.down.clear()
+    wait_for(lambda: len(transport.sent) == 200, what="the spool to drain")
+    assert transport.sent == [f"id-{n}" for n in range(200)]
+    assert publisher.spooled == 0
+    publisher.submit(_emission(200))  # back to the memory path
+    wait_for(lambda: len(transport.sent) == 201, what="a live event")
+    assert publisher.stop() == 0
+    assert list((tmp_path / "spool").glob("*.sqlite3")) == []
+    assert "hunter2" not in caplog.text
+
+
+def test_what_shutdown_cannot_publish_stays_on_disk_for_the_next_process(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _config(tmp_path, spool_after_events=1000)  # the outage is short: memory first
+    down = ScriptedTransport()
+    down.down.set()
+    first = _publisher(down, config)
+    first.start()
+    for n in range(20):
+        first.submit(_emission(n))
+    with caplog.at_level(logging.ERROR):
+        assert first.stop(timeout_s=0.3) == 0
+    assert "20 emitted event(s) could not be published" in caplog.text
+    assert "stay in the spool" in caplog.text
+    assert spool_depth(config) == 20
+
+    up = ScriptedTransport()
+    second = _publisher(up, config)
+    second.start()
+    wait_for(lambda: len(up.sent) == 20, what="the adopted spool to drain")
+    assert up.sent == [f"id-{n}" for n in range(20)]
+    second.stop()
+    assert spool_depth(config) == 0
+
+
+def test_a_spooled_event_keeps_its_envelope(tmp_path: Path) -> None:
+    transport = ScriptedTransport()
+    transport.down.set()
+    seen: list[Emission] = []
+    original = transport.publish
+
+    def keep(batch: list[Emission], done: list[int]) -> None:
+        original(batch, done)
+        seen.extend(batch)
+
+    transport.publish = keep  # type: ignore[method-assign]
+    publisher = _publisher(transport, _config(tmp_path))
+    publisher.start()
+    publisher.submit(_emission(7))
+    wait_for(lambda: publisher.spooled == 1, what="spooling")
+    transport.down.clear()
+    wait_for(lambda: seen, what="publishing")
+    publisher.stop()
+    assert seen[0] == _emission(7)
+
+
+def test_a_live_process_spool_is_never_adopted_by_another(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    transport = ScriptedTransport()
+    transport.down.set()
+    owner = _publisher(transport, config)
+    owner.start()
+    owner.submit(_emission(1))
+    wait_for(lambda: owner.spooled == 1, what="spooling")
+    other = _publisher(ScriptedTransport(), config)
+    other.start()
+    assert other.spooled == 0
+    other.stop()
+    transport.down.clear()
+    owner.stop()
+
+
+def test_a_killed_process_spool_is_adopted(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from celery import Celery
+        from litestar_celery_events import CeleryEventsConfig
+        from litestar_celery_events.publisher import Publisher
+        from tests.unit.test_publisher import ScriptedTransport
+        from tests.unit.test_spool import _emission
+        from tests.helpers import wait_for
+        t = ScriptedTransport(); t.down.set()
+        p = Publisher(Celery(set_as_current=False), CeleryEventsConfig(data_dir={str(tmp_path)!r}, spool=True), t)
+        p.start()
+        p.submit(_emission(0))
+        wait_for(lambda: p.spooled == 1)
+        for n in range(1, 50):
+            p.submit(_emission(n))
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    killed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=False, timeout=60)
+    assert killed.returncode == -9
+    config = _config(tmp_path)
+    assert spool_depth(config) == 50
+    up = ScriptedTransport()
+    publisher = _publisher(up, config)
+    publisher.start()
+    wait_for(lambda: len(up.sent) == 50, what="the dead process's events")
+    assert up.sent == [f"id-{n}" for n in range(50)]
+    publisher.stop()
+
+
+def test_a_full_spool_raises_at_emit_by_default(tmp_path: Path) -> None:
+    transport = ScriptedTransport()
+    transport.down.set()
+    publisher = _publisher(transport, _config(tmp_path, max_spooled_events=5))
+    publisher.start()
+    publisher.submit(_emission(0))
+    wait_for(lambda: publisher.spooled == 1, what="spooling")
+    for n in range(1, 5):
+        publisher.submit(_emission(n))
+    with pytest.raises(EventBufferFullError, match="max_spooled_events"):
+        publisher.submit(_emission(5))
+    publisher.stop(timeout_s=0.1)
+
+
+def test_a_full_spool_can_drop_the_oldest_with_an_error_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    transport = ScriptedTransport()
+    transport.down.set()
+    publisher = _publisher(transport, _config(tmp_path, max_spooled_events=5, spool_full_policy="drop_oldest"))
+    publisher.start()
+    publisher.submit(_emission(0))
+    wait_for(lambda: publisher.spooled == 1, what="spooling")
+    with caplog.at_level(logging.ERROR):
+        for n in range(1, 8):
+            publisher.submit(_emission(n))
+    assert publisher.spooled == 5
+    assert "spool full (max_spooled_events=5): dropped 1 oldest event(s) (e)" in caplog.text
+    transport.down.clear()
+    wait_for(lambda: len(transport.sent) == 5, what="draining")
+    assert transport.sent == [f"id-{n}" for n in range(3, 8)]
+    publisher.stop()
+
+
+def test_a_full_memory_buffer_spills_to_the_spool_instead_of_raising(tmp_path: Path) -> None:
+    publisher = _publisher(ScriptedTransport(), _config(tmp_path, max_buffered_events=3))
+    for n in range(10):
+        publisher.submit(_emission(n))
+    assert publisher.pending == 0
+    assert publisher.spooled == 10
