@@ -12,6 +12,7 @@ from litestar_celery_events.errors import (
 from litestar_celery_events.listeners import CeleryEventListener, listener
 from litestar_celery_events.plugin import CeleryEventsPlugin
 from litestar_celery_events.runtime.worker_app import create_worker_app, load_litestar_app
+from litestar_celery_events.scheduling import PeriodicEvent, ScheduleError, cancel_scheduled, emit_later
 
 __all__ = (
     "CeleryEventEmitter",
@@ -23,8 +24,12 @@ __all__ = (
     "EventPayloadError",
     "ListenerSignatureError",
     "PayloadTooLargeError",
+    "PeriodicEvent",
     "RetryPolicy",
+    "ScheduleError",
+    "cancel_scheduled",
     "create_worker_app",
+    "emit_later",
     "listener",
     "load_litestar_app",
 )

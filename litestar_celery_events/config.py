@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from celery import Celery
 
+    from litestar_celery_events.scheduling import PeriodicEvent
+
 __all__ = (
     "BROKER_URL_ENV",
     "DEFAULT_FLUSH_TIMEOUT_S",
@@ -111,6 +113,12 @@ class CeleryEventsConfig:
     """At ``emit``, check that every listener accepts the emitted arguments (a cheap check)."""
     timezone: str = "UTC"
     """Timezone of periodic schedules."""
+    periodic: list[PeriodicEvent] = field(default_factory=list)
+    """Events ``celery -A worker beat`` emits on a schedule (``PeriodicEvent(event_id, crontab |
+    timedelta | seconds, ...)``); each tick fires once, even with two beat processes running."""
+    delayed_poll_interval_s: float = 0.2
+    """Redis brokers: longest wait of a mover (one per worker main process and beat) between two
+    looks at the delayed-event store; a due event is enqueued within about this much."""
     spool: bool = False
     """Durable local spool (SQLite under ``data_dir/spool``): while the broker is unreachable, events
     go to disk instead of memory, so a web-process crash during an outage loses none of them; the
@@ -138,6 +146,12 @@ class CeleryEventsConfig:
             raise ValueError("publish_batch_size must be at least 1")
         if self.buffer_full_policy not in ("raise", "drop_oldest"):
             raise ValueError("buffer_full_policy must be 'raise' or 'drop_oldest'")
+        if not self.delayed_poll_interval_s > 0:
+            raise ValueError("delayed_poll_interval_s must be positive")
+        names = [p.key for p in self.periodic]
+        if len(names) != len(set(names)):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"periodic events need distinct names; give name= to tell apart: {twice}")
         if self.spool_full_policy not in ("raise", "drop_oldest"):
             raise ValueError("spool_full_policy must be 'raise' or 'drop_oldest'")
         if self.spool_after_events < 0 or self.max_spooled_events < 1:

@@ -17,6 +17,7 @@ from celery.utils.time import get_exponential_backoff_interval
 from litestar_celery_events.message import EMITTED_AT_HEADER, EVENT_HEADER, LISTENERS_HEADER
 from litestar_celery_events.runtime.failures import ListenerFailure, report_failure
 from litestar_celery_events.runtime.invoke import call_listener
+from litestar_celery_events.runtime.scheduler import cancelled_before_run
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -115,6 +116,8 @@ def _register_event_task(
     listener_tasks: dict[str, Task],
 ) -> Task:
     def run_event(self: Task, *args: Any, **kwargs: Any) -> None:
+        if cancelled_before_run(self):  # emit_later on a broker without the delayed store
+            return
         request = self.request
         emission_id = request.id
         only = request.get(LISTENERS_HEADER)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import binascii
 import json
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import redis
 
 from litestar_celery_events.message import CONTENT_ENCODING, CONTENT_TYPE, Emission, task_headers
+from litestar_celery_events.schedule_store import due_timestamp, stage_delayed
 from litestar_celery_events.transports.base import origin_nodename
 
 if TYPE_CHECKING:
@@ -77,6 +79,17 @@ class RedisTransport:
             queue = emission.queue or self._default_queue
             self._sent += 1
             tag = f"{emission.emission_id}.{self._sent}"
+            if emission.eta is not None:  # emit_later: waits in the broker-side store, enqueued when due
+                envelope = redis_envelope(replace(emission, eta=None), queue, self._origin, tag)
+                stage_delayed(
+                    pipe,
+                    self._key_prefix,
+                    emission.emission_id,
+                    due_timestamp(emission.eta),
+                    self.key_of(queue),
+                    envelope,
+                )
+                continue
             pipe.lpush(self.key_of(queue), redis_envelope(emission, queue, self._origin, tag))
         pipe.execute()
         done[0] = len(batch)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +17,7 @@ from litestar.enums import RequestEncodingType
 from litestar.events import listener as litestar_listener
 from litestar.params import Body
 
-from litestar_celery_events import CeleryEventsConfig, CeleryEventsPlugin, RetryPolicy, listener
+from litestar_celery_events import CeleryEventsConfig, CeleryEventsPlugin, PeriodicEvent, RetryPolicy, listener
 
 ROUTED_QUEUE = os.environ.get("ROUTED_QUEUE", "mail")
 
@@ -81,6 +82,27 @@ def always_fails(n: int) -> None:
     raise RuntimeError(f"boom {n}")
 
 
+@listener("reminder_due")
+def reminder_listener(note: str) -> None:
+    record("reminder_listener", note=note, at=time.time())
+
+
+@listener("heartbeat")
+def heartbeat_listener(**kwargs: Any) -> None:
+    record("heartbeat_listener", at=time.time(), **kwargs)
+
+
+def _scheduling_settings() -> dict[str, Any]:
+    """Env knobs of the scheduling tests: a periodic event, a lowered visibility timeout."""
+    settings: dict[str, Any] = {}
+    if os.environ.get("HEARTBEAT_EVERY_S"):
+        settings["periodic"] = [PeriodicEvent("heartbeat", float(os.environ["HEARTBEAT_EVERY_S"]))]
+    if os.environ.get("VISIBILITY_TIMEOUT_S"):
+        timeout = float(os.environ["VISIBILITY_TIMEOUT_S"])
+        settings["celery_config"] = {"broker_transport_options": {"visibility_timeout": timeout}}
+    return settings
+
+
 @post("/users")
 async def create_user(
     data: Annotated[dict[str, str], Body(media_type=RequestEncodingType.JSON)], request: Request[Any, Any, Any]
@@ -106,6 +128,8 @@ def create_app() -> Litestar:
             steady_listener,
             routed_listener,
             always_fails,
+            reminder_listener,
+            heartbeat_listener,
         ],
         plugins=[
             CeleryEventsPlugin(
@@ -113,6 +137,7 @@ def create_app() -> Litestar:
                     default_queue=os.environ.get("TEST_QUEUE"),
                     default_retry=RetryPolicy(max_retries=2, default_retry_delay=0.1, retry_backoff=False),
                     flush_timeout_s=10,
+                    **_scheduling_settings(),
                 )
             )
         ],

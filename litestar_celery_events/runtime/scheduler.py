@@ -1,0 +1,304 @@
+"""The worker and beat side of scheduling: the mover, beat's deduplicated ticks, the cancel check.
+
+- ``Mover``: a thread in every worker main process and in beat (Redis brokers) that enqueues due
+  delayed events with one Lua script call; several movers never enqueue an event twice.
+- ``EventScheduler``: ``celery -A worker beat``'s scheduler. It emits each ``PeriodicEvent`` as an
+  ordinary event and claims every tick in the store first (one atomic compare-and-set per
+  schedule name), so two beat processes, or a restarted one, fire each tick once.
+- ``cancelled_before_run``: on brokers without the store, the event task of a delayed emission
+  asks the SQLite cancel set before running.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from celery import signals
+from celery.beat import ScheduleEntry, Scheduler
+from celery.schedules import crontab, schedstate
+from celery.schedules import schedule as celery_schedule
+
+from litestar_celery_events.config import redact_url
+from litestar_celery_events.schedule_store import RedisScheduleStore, SqliteScheduleStore
+from litestar_celery_events.scheduling import PeriodicEvent, schedule_store_for
+
+if TYPE_CHECKING:
+    from celery import Celery, Task
+
+    from litestar_celery_events.emitter import CeleryEventEmitter
+    from litestar_celery_events.message import Emission
+    from litestar_celery_events.schedule_store import ScheduleStore
+
+__all__ = (
+    "AlignedInterval",
+    "EventScheduler",
+    "Mover",
+    "cancelled_before_run",
+    "check_periodic_events",
+    "install_scheduling",
+)
+
+logger = logging.getLogger("litestar_celery_events.scheduler")
+
+MOVE_BATCH = 1000
+MAX_RETRY_WAIT_S = 2.0
+
+
+class Mover:
+    """Moves due delayed events from the Redis store to their queues, in a daemon thread."""
+
+    def __init__(self, store: RedisScheduleStore, poll_interval_s: float) -> None:
+        self.store = store
+        self.poll_interval_s = poll_interval_s
+        self.moved = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="celery-events-mover", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        self._thread = None
+        self.store.close()
+
+    def move_once(self) -> tuple[int, float | None]:
+        moved, next_due = self.store.move_due(time.time(), MOVE_BATCH)
+        self.moved += moved
+        return moved, next_due
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                moved, next_due = self.move_once()
+            except Exception as exc:  # noqa: BLE001 - broker away: keep trying, the store keeps the events
+                failures += 1
+                self.store.close()
+                if failures == 1 or failures % 50 == 0:
+                    logger.warning("delayed-event mover cannot reach Redis (%s); retrying", redact_url(str(exc)))
+                self._stop.wait(min(MAX_RETRY_WAIT_S, 0.05 * 2 ** min(failures, 6)))
+                continue
+            if failures:
+                logger.warning("delayed-event mover reached Redis again after %d failed attempt(s)", failures)
+                failures = 0
+            if moved >= MOVE_BATCH:
+                continue
+            wait = self.poll_interval_s
+            if next_due is not None:
+                wait = min(wait, max(0.0, next_due - time.time()))
+            self._stop.wait(wait)
+
+
+class AlignedInterval(celery_schedule):  # type: ignore[misc]  # celery is untyped here
+    """An interval whose ticks fall on multiples of its length since the Unix epoch.
+
+    Celery's own interval restarts from each run, so two beat processes (or one restarted) would
+    tick at different instants; aligned ticks are the same everywhere, which is what lets the
+    store deduplicate them.
+    """
+
+    def is_due(self, last_run_at: datetime) -> schedstate:
+        seconds = self.seconds
+        now = time.time()
+        last = self.maybe_make_aware(last_run_at).timestamp()
+        due = math.floor(now / seconds) > math.floor(last / seconds)
+        return schedstate(is_due=due, next=seconds - (now % seconds))
+
+    def slot(self) -> float:
+        """The tick being fired: the latest multiple of the interval not after now."""
+        seconds = float(self.seconds)
+        return math.floor(time.time() / seconds) * seconds
+
+
+def tick_slot(entry: ScheduleEntry) -> float:
+    """The Unix time of the tick ``entry`` is due for (the same in every beat process)."""
+    sched = entry.schedule
+    if isinstance(sched, AlignedInterval):
+        return sched.slot()
+    last, delta, _ = sched.remaining_delta(entry.last_run_at)
+    return float((last + delta).timestamp())
+
+
+def check_periodic_events(emitter: CeleryEventEmitter) -> None:
+    """Fail at start-up, not at the first tick: each periodic event has listeners that accept its arguments."""
+    from litestar_celery_events.message import encode_body
+
+    for periodic in emitter.config.periodic:
+        specs = emitter.registry.get(periodic.event_id)
+        args, kwargs = periodic.args, dict(periodic.kwargs or {})
+        emitter.registry.check_arguments(periodic.event_id, specs, args, kwargs)
+        encode_body(periodic.event_id, args, kwargs, emitter.config.max_payload_bytes)
+
+
+class EventScheduler(Scheduler):  # type: ignore[misc]  # celery is untyped here
+    """Beat's scheduler: ``CeleryEventsConfig.periodic`` plus ``beat_schedule``, ticks claimed in the store.
+
+    Nothing is kept in a local file: the last tick of each schedule lives in the store (Redis, or
+    SQLite under ``data_dir``), so a restarted beat resumes where any beat left off, and a tick
+    missed while no beat ran fires once, not once per missed tick.
+    """
+
+    emitter: CeleryEventEmitter
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.periodic: dict[str, PeriodicEvent] = {}
+        self.store: ScheduleStore = schedule_store_for(self.emitter.celery_app, self.emitter.config.resolved_data_dir)
+        self.fired = 0
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def bound_to(cls, emitter: CeleryEventEmitter) -> type[EventScheduler]:
+        return type(cls.__name__, (cls,), {"emitter": emitter, "__module__": cls.__module__})
+
+    def adjust(self, n: float | None, drift: float = 0.0) -> float | None:
+        return n  # wake at the tick itself: Celery's default wakes 10 ms early and then spins
+
+    def setup_schedule(self) -> None:
+        super().setup_schedule()
+        tz = self.app.timezone
+        for periodic in self.emitter.config.periodic:
+            sched: Any = periodic.schedule
+            if periodic.interval_s is not None:
+                sched = AlignedInterval(periodic.interval_s, app=self.app)
+            else:
+                sched = crontab(**_crontab_fields(sched), app=self.app)
+            last = self.store.last_tick(periodic.key)
+            entry = ScheduleEntry(
+                name=periodic.key,
+                task=self.emitter.config.event_task_name(periodic.event_id),
+                schedule=sched,
+                args=periodic.args,
+                kwargs=dict(periodic.kwargs or {}),
+                last_run_at=None if last is None else datetime.fromtimestamp(last, tz=timezone.utc).astimezone(tz),
+                app=self.app,
+            )
+            self.schedule[periodic.key] = entry
+            self.periodic[periodic.key] = periodic
+        if self.periodic:
+            logger.info("beat: %d periodic event(s): %s", len(self.periodic), ", ".join(sorted(self.periodic)))
+
+    @property
+    def schedule(self) -> dict[str, ScheduleEntry]:
+        return self.data  # type: ignore[no-any-return]
+
+    def apply_entry(self, entry: ScheduleEntry, producer: Any = None) -> None:
+        periodic = self.periodic.get(entry.name)
+        if periodic is None:
+            super().apply_entry(entry, producer=producer)
+            return
+        slot = tick_slot(entry)
+        tick = datetime.fromtimestamp(slot, tz=timezone.utc).isoformat()
+        try:
+            emission = self._prepare(periodic, tick)
+            fired = self._fire(periodic, slot, emission)
+        except Exception:
+            logger.exception("beat: cannot emit periodic event %r for tick %s", periodic.key, tick)
+            return
+        if fired:
+            self.fired += 1
+            logger.info(
+                "beat: emitted %r tick %s (emission %s)",
+                periodic.event_id,
+                tick,
+                emission.emission_id,
+                extra={"event_id": periodic.event_id, "emission_id": emission.emission_id, "tick": tick},
+            )
+        else:
+            logger.info("beat: tick %s of %r was already fired by another beat", tick, periodic.key)
+
+    def _prepare(self, periodic: PeriodicEvent, tick: str) -> Emission:
+        emitter = self.emitter
+        if not emitter.running:
+            emitter.start()
+        emission = emitter.prepare(periodic.event_id, periodic.args, dict(periodic.kwargs or {}))
+        emission.extra_headers = {**(emission.extra_headers or {}), "periodic": periodic.key, "tick": tick}
+        return emission
+
+    def _fire(self, periodic: PeriodicEvent, slot: float, emission: Emission) -> bool:
+        store = self.store
+        if isinstance(store, RedisScheduleStore):
+            from litestar_celery_events.transports.base import origin_nodename
+            from litestar_celery_events.transports.redis import RedisTransport, redis_envelope
+
+            queue = emission.queue or self.app.conf.task_default_queue
+            transport = RedisTransport(self.app)
+            envelope = redis_envelope(emission, queue, origin_nodename(), f"{emission.emission_id}.1")
+            return store.fire_tick(periodic.key, slot, transport.key_of(queue), envelope)
+        # No atomic claim-and-publish here: a beat dying between the two loses that one tick.
+        if not store.claim_tick(periodic.key, slot):
+            return False
+        from litestar_celery_events.transports.kombu import KombuTransport
+
+        transport_ = KombuTransport(self.app)
+        try:
+            transport_.publish([emission], [0])
+        finally:
+            transport_.close()
+        return True
+
+
+def _crontab_fields(sched: crontab) -> dict[str, Any]:
+    return {
+        "minute": sched._orig_minute,
+        "hour": sched._orig_hour,
+        "day_of_week": sched._orig_day_of_week,
+        "day_of_month": sched._orig_day_of_month,
+        "month_of_year": sched._orig_month_of_year,
+    }
+
+
+_stores: dict[int, ScheduleStore] = {}
+
+
+def cancelled_before_run(task: Task) -> bool:
+    """For the event task: True if this delayed emission (Celery ETA fallback) was cancelled."""
+    request = task.request
+    if request.eta is None:
+        return False
+    store = _stores.get(id(task.app))
+    if store is None:
+        data_dir = getattr(task.app, "celery_events_data_dir", None)
+        store = _stores[id(task.app)] = schedule_store_for(task.app, data_dir or ".celery-events")
+    if not isinstance(store, SqliteScheduleStore) or store.may_run(str(request.id)):
+        return False
+    logger.info("event %r emission %s was cancelled before it was due: not run", task.name, request.id)
+    return True
+
+
+def install_scheduling(celery_app: Celery, emitter: CeleryEventEmitter) -> None:
+    """Wire scheduling into ``celery -A worker worker|beat``: movers, beat's scheduler, start-up checks."""
+    config = emitter.config
+    check_periodic_events(emitter)
+    celery_app.celery_events_data_dir = config.resolved_data_dir
+    celery_app.conf.beat_scheduler = EventScheduler.bound_to(emitter)
+    store = schedule_store_for(celery_app, config.resolved_data_dir)
+    if not isinstance(store, RedisScheduleStore):
+        return
+    mover = Mover(store, config.delayed_poll_interval_s)
+    celery_app.celery_events_mover = mover
+
+    def start(**_: object) -> None:
+        mover.start()
+
+    def stop(**_: object) -> None:
+        mover.stop()
+
+    signals.worker_ready.connect(start, weak=False)  # the worker's main process only
+    signals.beat_init.connect(start, weak=False)
+    signals.worker_shutdown.connect(stop, weak=False)

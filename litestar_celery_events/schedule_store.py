@@ -1,0 +1,272 @@
+"""Where delayed events wait and where beat records the ticks it fired.
+
+Redis brokers: a sorted set scored by due time plus a hash ``emission id -> prepared message``
+(the exact kombu envelope, without an ``eta``). Lua scripts make each step atomic, so any number
+of movers (one per worker main process, one per beat) enqueue each due event exactly once, and a
+cancel either removes the event or finds it already moved. Workers never see an undue event.
+
+Other brokers (RabbitMQ, the embedded filesystem broker): Celery's own ETA carries the delay and
+a SQLite file under ``data_dir`` keeps the cancel set and beat's ticks, so both survive restarts
+of processes that share that folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import redis
+
+if TYPE_CHECKING:
+    from redis.client import Pipeline
+
+__all__ = (
+    "CANCEL_MEMORY_S",
+    "RedisScheduleStore",
+    "ScheduleStore",
+    "SqliteScheduleStore",
+    "due_timestamp",
+    "eta_of",
+    "redis_keys",
+    "stage_delayed",
+)
+
+KEY_NAMESPACE = "celery-events"
+CANCEL_MEMORY_S = 7 * 24 * 3600
+"""How long a cancel is remembered for an emission that a publisher has not written yet."""
+SOCKET_TIMEOUT_S = 10.0
+
+
+def eta_of(due_ts: float) -> str:
+    """Celery's ``eta`` header (ISO 8601, UTC) for a due time given as a Unix timestamp."""
+    return datetime.fromtimestamp(due_ts, tz=timezone.utc).isoformat()
+
+
+def due_timestamp(eta: str) -> float:
+    return datetime.fromisoformat(eta).timestamp()
+
+
+def redis_keys(global_keyprefix: str = "") -> tuple[str, str, str, str]:
+    """(due sorted set, messages hash, cancel tombstone prefix, beat ticks hash), after kombu's prefix."""
+    base = f"{global_keyprefix}{KEY_NAMESPACE}"
+    return f"{base}:delayed", f"{base}:delayed:messages", f"{base}:cancelled:", f"{base}:beat:ticks"
+
+
+# KEYS: due zset, messages hash, tombstone. ARGV: emission id, due timestamp, "<list key>\n<envelope>".
+_STAGE = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+return 1
+"""
+
+# KEYS: due zset, messages hash. ARGV: now, most to move. Returns {moved, next due score or nil}.
+# The queue list named inside each message is written too: fine on one Redis server (not Cluster).
+_MOVE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do
+  local v = redis.call('HGET', KEYS[2], id)
+  redis.call('ZREM', KEYS[1], id)
+  if v then
+    redis.call('HDEL', KEYS[2], id)
+    local sep = string.find(v, '\\n', 1, true)
+    redis.call('LPUSH', string.sub(v, 1, sep - 1), string.sub(v, sep + 1))
+  end
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {#ids, nxt[2]}
+"""
+
+# KEYS: due zset, messages hash, tombstone. ARGV: emission id, tombstone ttl.
+_CANCEL = """
+redis.call('SET', KEYS[3], '1', 'EX', ARGV[2])
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+# KEYS: ticks hash, queue list. ARGV: schedule name, slot, envelope. Claim the tick and enqueue at once.
+_FIRE = """
+local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
+if tonumber(ARGV[2]) <= last then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('LPUSH', KEYS[2], ARGV[3])
+return 1
+"""
+
+_CLAIM = """
+local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
+if tonumber(ARGV[2]) <= last then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+_scripts: dict[str, Any] = {}
+_scripts_lock = threading.Lock()
+
+
+def _script(client: redis.Redis, source: str) -> Any:
+    """A registered ``redis.commands.core.Script`` (EVALSHA, reloaded on NOSCRIPT; works in pipelines)."""
+    with _scripts_lock:
+        script = _scripts.get(source)
+        if script is None:
+            script = _scripts[source] = client.register_script(source)
+    return script
+
+
+def stage_delayed(
+    pipe: Pipeline, global_keyprefix: str, emission_id: str, due_ts: float, list_key: str, envelope: str
+) -> None:
+    """Queue on ``pipe`` the write of one delayed message into the store (skipped if already cancelled)."""
+    zset, messages, tombstones, _ = redis_keys(global_keyprefix)
+    _script(pipe, _STAGE)(
+        keys=[zset, messages, tombstones + emission_id],
+        args=[emission_id, repr(due_ts), f"{list_key}\n{envelope}"],
+        client=pipe,
+    )
+
+
+class ScheduleStore(Protocol):
+    """What ``cancel_scheduled`` and beat need from the broker side."""
+
+    def cancel(self, emission_id: str) -> bool:
+        """Make sure ``emission_id`` never runs; True if it was waiting and is now removed."""
+
+    def claim_tick(self, name: str, slot: float) -> bool:
+        """True for the first caller claiming tick ``slot`` (a Unix timestamp) of schedule ``name``."""
+
+    def last_tick(self, name: str) -> float | None:
+        """The latest tick claimed for ``name``, if any."""
+
+    def close(self) -> None: ...
+
+
+class RedisScheduleStore:
+    """The Redis side: due sorted set, prepared messages, cancel tombstones, beat ticks."""
+
+    def __init__(self, url: str, global_keyprefix: str = "") -> None:
+        self.zset, self.messages, self._tombstones, self.ticks = redis_keys(global_keyprefix)
+        self._url = url
+        self._client: redis.Redis | None = None
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None:
+            self._client = redis.Redis.from_url(
+                self._url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
+            )
+        return self._client
+
+    def cancel(self, emission_id: str) -> bool:
+        keys = [self.zset, self.messages, self._tombstones + emission_id]
+        return bool(_script(self.client, _CANCEL)(keys=keys, args=[emission_id, CANCEL_MEMORY_S], client=self.client))
+
+    def move_due(self, now: float, limit: int = 1000) -> tuple[int, float | None]:
+        """Enqueue up to ``limit`` events due by ``now``; return (how many, next due time or None)."""
+        moved, next_due = _script(self.client, _MOVE)(
+            keys=[self.zset, self.messages], args=[repr(now), limit], client=self.client
+        )
+        return int(moved), None if next_due is None else float(next_due)
+
+    def fire_tick(self, name: str, slot: float, list_key: str, envelope: str) -> bool:
+        """Claim tick ``slot`` of ``name`` and enqueue its message in one step; False if already fired."""
+        return bool(
+            _script(self.client, _FIRE)(
+                keys=[self.ticks, list_key], args=[name, repr(slot), envelope], client=self.client
+            )
+        )
+
+    def claim_tick(self, name: str, slot: float) -> bool:
+        return bool(_script(self.client, _CLAIM)(keys=[self.ticks], args=[name, repr(slot)], client=self.client))
+
+    def last_tick(self, name: str) -> float | None:
+        value = self.client.hget(self.ticks, name)
+        return None if value is None else float(value)
+
+    def waiting(self) -> int:
+        """How many delayed events wait in the store."""
+        return int(self.client.zcard(self.zset))
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        self._client = None
+
+
+class SqliteScheduleStore:
+    """The fallback for brokers without a store: a cancel set and beat's ticks in one SQLite file.
+
+    The delay itself rides on Celery's ETA. The event task asks ``may_run`` before running a
+    delayed emission; ``cancel`` and ``may_run`` exclude each other in one transaction, so a
+    cancel that returns True means the listeners never run, also after any restart.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS cancelled (id TEXT PRIMARY KEY, at REAL NOT NULL)")
+            db.execute("CREATE TABLE IF NOT EXISTS dispatched (id TEXT PRIMARY KEY, at REAL NOT NULL)")
+            db.execute("CREATE TABLE IF NOT EXISTS ticks (name TEXT PRIMARY KEY, slot REAL NOT NULL)")
+
+    def _connect(self) -> contextlib.closing[sqlite3.Connection]:
+        return contextlib.closing(sqlite3.connect(self.path, timeout=30, isolation_level=None))
+
+    def _in_transaction(self, statements: Any) -> Any:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = statements(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+
+    def cancel(self, emission_id: str) -> bool:
+        def run(db: sqlite3.Connection) -> bool:
+            if db.execute("SELECT 1 FROM dispatched WHERE id = ?", (emission_id,)).fetchone():
+                return False
+            db.execute("INSERT OR IGNORE INTO cancelled VALUES (?, ?)", (emission_id, time.time()))
+            db.execute("DELETE FROM cancelled WHERE at < ?", (time.time() - CANCEL_MEMORY_S,))
+            return True
+
+        return bool(self._in_transaction(run))
+
+    def may_run(self, emission_id: str) -> bool:
+        """Called by the event task of a delayed emission: False if it was cancelled."""
+
+        def run(db: sqlite3.Connection) -> bool:
+            if db.execute("SELECT 1 FROM cancelled WHERE id = ?", (emission_id,)).fetchone():
+                return False
+            db.execute("INSERT OR IGNORE INTO dispatched VALUES (?, ?)", (emission_id, time.time()))
+            db.execute("DELETE FROM dispatched WHERE at < ?", (time.time() - CANCEL_MEMORY_S,))
+            return True
+
+        return bool(self._in_transaction(run))
+
+    def claim_tick(self, name: str, slot: float) -> bool:
+        def run(db: sqlite3.Connection) -> bool:
+            row = db.execute("SELECT slot FROM ticks WHERE name = ?", (name,)).fetchone()
+            if row is not None and slot <= row[0]:
+                return False
+            db.execute("INSERT OR REPLACE INTO ticks VALUES (?, ?)", (name, slot))
+            return True
+
+        return bool(self._in_transaction(run))
+
+    def last_tick(self, name: str) -> float | None:
+        with self._connect() as db:
+            row = db.execute("SELECT slot FROM ticks WHERE name = ?", (name,)).fetchone()
+        return None if row is None else float(row[0])
+
+    def close(self) -> None:
+        """Nothing held open: each call opens and closes its own connection."""

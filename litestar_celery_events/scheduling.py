@@ -1,0 +1,239 @@
+"""Delayed and periodic events: ``emit_later``, ``cancel_scheduled`` and ``PeriodicEvent``.
+
+``emit_later`` validates exactly like ``emit`` and hands the emission to the same background
+publisher (no network I/O on the caller's thread). On Redis the publisher writes it into a
+broker-side store (a sorted set by due time, see ``schedule_store``) and a mover enqueues it as an
+ordinary Celery message when due; on other brokers it is sent with Celery's ``eta``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from celery.schedules import crontab
+from celery.schedules import schedule as celery_schedule
+
+from litestar_celery_events.listeners import validate_event_id
+from litestar_celery_events.schedule_store import (
+    RedisScheduleStore,
+    ScheduleStore,
+    SqliteScheduleStore,
+    eta_of,
+)
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from litestar import Litestar
+
+    from litestar_celery_events.emitter import CeleryEventEmitter
+
+__all__ = (
+    "PAST_TOLERANCE_S",
+    "PeriodicEvent",
+    "ScheduleError",
+    "cancel_scheduled",
+    "emit_later",
+    "schedule_store_for",
+)
+
+PAST_TOLERANCE_S = 1.0
+"""A due time at most this far in the past is accepted (and runs at once): clocks and callers jitter."""
+CLOCK_MARGIN_S = 1.0
+"""Movers on other hosts may run this far ahead of this host's clock."""
+MAX_REMEMBERED_IDS = 100_000
+
+
+class ScheduleError(ValueError):
+    """``emit_later`` got no, two, or an unusable due time; nothing was enqueued."""
+
+
+@dataclass(frozen=True)
+class PeriodicEvent:
+    """An event ``celery -A worker beat`` emits on a schedule, as an ordinary event.
+
+    ``schedule`` is a Celery ``crontab`` (evaluated in ``CeleryEventsConfig.timezone``), a
+    ``timedelta`` or a number of seconds; intervals tick on multiples of their length since the
+    Unix epoch, so every beat process agrees on the ticks.
+    """
+
+    event_id: str
+    schedule: crontab | timedelta | float
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] | None = None
+    name: str | None = None
+    """Identity of the schedule (its ticks are deduplicated by name); default ``<event_id>@<schedule>``."""
+    interval_s: float | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        validate_event_id(self.event_id)
+        interval: float | None = None
+        if isinstance(self.schedule, crontab):
+            label = " ".join(str(self.schedule).split()[1:6])
+        else:
+            if isinstance(self.schedule, celery_schedule):
+                interval = self.schedule.run_every.total_seconds()
+            elif isinstance(self.schedule, timedelta):
+                interval = self.schedule.total_seconds()
+            elif isinstance(self.schedule, (int, float)) and not isinstance(self.schedule, bool):
+                interval = float(self.schedule)
+            else:
+                raise TypeError(
+                    f"PeriodicEvent {self.event_id!r}: schedule must be a celery crontab, a timedelta or seconds, "
+                    f"got {type(self.schedule).__name__}"
+                )
+            if not math.isfinite(interval) or interval <= 0:
+                raise ValueError(f"PeriodicEvent {self.event_id!r}: the interval must be positive, got {interval}")
+            label = f"every {interval:g}s"
+        object.__setattr__(self, "interval_s", interval)
+        object.__setattr__(self, "args", tuple(self.args))
+        object.__setattr__(self, "kwargs", dict(self.kwargs or {}))
+        if self.name is None:
+            object.__setattr__(self, "name", f"{self.event_id}@{label}")
+
+    @property
+    def key(self) -> str:
+        return str(self.name)
+
+
+def _emitter_of(app: Litestar) -> CeleryEventEmitter:
+    from litestar_celery_events.emitter import CeleryEventEmitter
+
+    emitter = getattr(app, "event_emitter", app)
+    if not isinstance(emitter, CeleryEventEmitter):
+        raise TypeError("this Litestar app has no CeleryEventsPlugin: add plugins=[CeleryEventsPlugin(config)]")
+    return emitter
+
+
+def _due_time(event_id: str, delay: float | timedelta | None, at: datetime | None, now: float) -> float:
+    if (delay is None) == (at is None):
+        raise ScheduleError(
+            f"cannot schedule event {event_id!r}: give exactly one of delay= (seconds or timedelta) "
+            "or at= (a timezone-aware datetime)"
+        )
+    if at is not None:
+        if not isinstance(at, datetime):
+            raise ScheduleError(f"cannot schedule event {event_id!r}: at= must be a datetime, got {type(at).__name__}")
+        if at.tzinfo is None or at.utcoffset() is None:
+            raise ScheduleError(
+                f"cannot schedule event {event_id!r}: at={at.isoformat()} is naive; "
+                "pass a timezone-aware datetime, e.g. datetime.now(timezone.utc) + timedelta(hours=1)"
+            )
+        due = at.timestamp()
+    else:
+        if isinstance(delay, timedelta):
+            seconds = delay.total_seconds()
+        elif isinstance(delay, (int, float)) and not isinstance(delay, bool):
+            seconds = float(delay)
+        else:
+            raise ScheduleError(
+                f"cannot schedule event {event_id!r}: delay= must be seconds or a timedelta, got {type(delay).__name__}"
+            )
+        if not math.isfinite(seconds):
+            raise ScheduleError(f"cannot schedule event {event_id!r}: delay={seconds} is not finite")
+        due = now + seconds
+    if due < now - PAST_TOLERANCE_S:
+        raise ScheduleError(
+            f"cannot schedule event {event_id!r}: the due time is {now - due:.1f}s in the past "
+            f"(tolerance {PAST_TOLERANCE_S}s); use emit() to run it now"
+        )
+    return due
+
+
+class _Scheduled:
+    """Per emitter: the store, and the ids this process scheduled (so cancel is right before they are written)."""
+
+    def __init__(self, emitter: CeleryEventEmitter) -> None:
+        self.store = schedule_store_for(emitter.celery_app, emitter.config.resolved_data_dir)
+        self.due_by_id: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def remember(self, emission_id: str, due: float) -> None:
+        with self.lock:
+            due_by_id = self.due_by_id
+            if len(due_by_id) >= MAX_REMEMBERED_IDS:
+                now = time.time()
+                for key in [k for k, d in due_by_id.items() if d < now]:
+                    del due_by_id[key]
+                while len(due_by_id) >= MAX_REMEMBERED_IDS:
+                    del due_by_id[next(iter(due_by_id))]
+            due_by_id[emission_id] = due
+
+    def forget_if_not_due(self, emission_id: str) -> bool:
+        """Forget ``emission_id``; True if this process scheduled it and it is not due yet (so no
+        mover can have moved it: it is in the store, or the tombstone stops the publisher's write)."""
+        with self.lock:
+            due = self.due_by_id.pop(emission_id, None)
+        return due is not None and due > time.time() + CLOCK_MARGIN_S
+
+
+_scheduled: weakref.WeakKeyDictionary[CeleryEventEmitter, _Scheduled] = weakref.WeakKeyDictionary()
+_scheduled_lock = threading.Lock()
+
+
+def _scheduled_of(emitter: CeleryEventEmitter) -> _Scheduled:
+    state = _scheduled.get(emitter)
+    if state is None:
+        with _scheduled_lock:
+            state = _scheduled.get(emitter)
+            if state is None:
+                state = _scheduled[emitter] = _Scheduled(emitter)
+    return state
+
+
+def schedule_store_for(celery_app: Celery, data_dir: Any) -> ScheduleStore:
+    """The broker-side store on Redis brokers; otherwise the SQLite fallback under ``data_dir``."""
+    from pathlib import Path
+
+    from litestar_celery_events.transports.redis import REDIS_SCHEMES
+
+    url = str(celery_app.conf.broker_url)
+    if url.startswith(REDIS_SCHEMES):
+        options = dict(celery_app.conf.broker_transport_options or {})
+        return RedisScheduleStore(url, options.get("global_keyprefix", ""))
+    return SqliteScheduleStore(Path(data_dir) / "scheduling.sqlite3")
+
+
+def emit_later(
+    app: Litestar,
+    event_id: str,
+    *args: Any,
+    delay: float | timedelta | None = None,
+    at: datetime | None = None,
+    **kwargs: Any,
+) -> str:
+    """Emit ``event_id`` after ``delay`` (seconds or ``timedelta``) or ``at`` (an aware ``datetime``).
+
+    Returns the emission id (for ``cancel_scheduled``). Raises what ``emit`` raises, plus
+    ``ScheduleError`` for a missing, doubled, naive or past due time; nothing is enqueued then.
+    No network I/O here: the publisher thread writes it (so ``delay`` and ``at`` cannot be
+    listener argument names).
+    """
+    emitter = _emitter_of(app)
+    due = _due_time(event_id, delay, at, time.time())
+    emission = emitter.prepare(event_id, args, kwargs)
+    emission.eta = eta_of(due)
+    state = _scheduled_of(emitter)
+    state.remember(emission.emission_id, due)
+    return emitter.submit(emission)
+
+
+def cancel_scheduled(app: Litestar, emission_id: str) -> bool:
+    """Make sure a scheduled emission never runs. True if it had not been dispatched; False if it
+    already was (or never existed). Durable: a restart of any worker or beat does not undo it.
+
+    One round trip to the store on the caller's thread (it has to answer): from an async handler
+    on a broker that may be slow, call it through ``anyio.to_thread.run_sync``.
+    """
+    emitter = _emitter_of(app)
+    state = _scheduled_of(emitter)
+    removed = state.store.cancel(emission_id)
+    not_due_here = state.forget_if_not_due(emission_id)
+    # Redis: the publisher may not have written it yet; the tombstone the cancel left stops that write.
+    return removed or (not_due_here and isinstance(state.store, RedisScheduleStore))
