@@ -10,6 +10,7 @@ from litestar_celery_events.errors import (
     PayloadTooLargeError,
 )
 from litestar_celery_events.listeners import CeleryEventListener, listener
+from litestar_celery_events.payloads import EventDeclaration, PayloadValidationError, declare_event
 from litestar_celery_events.plugin import CeleryEventsPlugin
 from litestar_celery_events.runtime.worker_app import create_worker_app, load_litestar_app
 from litestar_celery_events.scheduling import PeriodicEvent, ScheduleError, cancel_scheduled, emit_later
@@ -21,14 +22,17 @@ __all__ = (
     "CeleryEventsPlugin",
     "EmitterNotRunningError",
     "EventBufferFullError",
+    "EventDeclaration",
     "EventPayloadError",
     "ListenerSignatureError",
     "PayloadTooLargeError",
+    "PayloadValidationError",
     "PeriodicEvent",
     "RetryPolicy",
     "ScheduleError",
     "cancel_scheduled",
     "create_worker_app",
+    "declare_event",
     "emit_later",
     "listener",
     "load_litestar_app",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from celery import Celery
 
+    from litestar_celery_events.payloads import EventDeclaration
     from litestar_celery_events.scheduling import PeriodicEvent
 
 __all__ = (
@@ -111,6 +112,9 @@ class CeleryEventsConfig:
     """Encoded arguments above this size raise ``PayloadTooLargeError`` at ``emit``."""
     check_signatures: bool = True
     """At ``emit``, check that every listener accepts the emitted arguments (a cheap check)."""
+    declared_events: Sequence[EventDeclaration] = ()
+    """Event contracts (``declare_event``): ``emit`` checks their arguments even in a process that
+    registers no listener of the event (a web process that does not import the listener code)."""
     timezone: str = "UTC"
     """Timezone of periodic schedules."""
     periodic: list[PeriodicEvent] = field(default_factory=list)

@@ -96,6 +96,9 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
         specs = self.registry.get(event_id)
         if self.config.check_signatures:
             self.registry.check_arguments(event_id, specs, args, kwargs)
+        payloads = self.registry.payloads  # empty unless some listener or declaration has typed parameters
+        if payloads and event_id in payloads:
+            args, kwargs = payloads[event_id].encode(event_id, args, kwargs)
         return Emission.create(
             event_id,
             self.config.event_task_name(event_id),

@@ -17,9 +17,11 @@ from litestar.events import EventListener
 from litestar.exceptions import ImproperlyConfiguredException
 
 from litestar_celery_events.errors import ListenerSignatureError
+from litestar_celery_events.payloads import EventPayload, ListenerPayload, listener_payload
 
 if TYPE_CHECKING:
     from litestar_celery_events.config import CeleryEventsConfig
+    from litestar_celery_events.payloads import EventDeclaration
 
 __all__ = (
     "CELERY_TASK_OPTIONS",
@@ -152,6 +154,8 @@ class ListenerSpec:
     task_options: Mapping[str, Any]
     """Celery task options: the listener's own, else the config's default retry policy."""
     check: ArgumentCheck
+    payload: ListenerPayload | None = None
+    """Parameters annotated with a dataclass, msgspec Struct or pydantic model (``None``: none)."""
 
     @property
     def runs_as_own_task(self) -> bool:
@@ -168,6 +172,10 @@ class ListenerRegistry:
 
     by_event: dict[str, tuple[ListenerSpec, ...]] = field(default_factory=dict)
     by_name: dict[str, ListenerSpec] = field(default_factory=dict)
+    declared: dict[str, ListenerSpec] = field(default_factory=dict)
+    """Declared events (``declare_event``): checked at ``emit``, never run."""
+    payloads: dict[str, EventPayload] = field(default_factory=dict)
+    """Only events with typed parameters (listeners' or declared): emit converts just those."""
 
     @classmethod
     def build(cls, listeners: Iterable[EventListener], config: CeleryEventsConfig) -> ListenerRegistry:
@@ -192,15 +200,45 @@ class ListenerRegistry:
                 is_async=inspect.iscoroutinefunction(fn),
                 task_options=options,
                 check=ArgumentCheck.of(fn),
+                payload=listener_payload(fn, f"listener {name}"),
             )
             by_name[name] = spec
             for event_id in sorted(spec.event_ids):
                 grouped[event_id].append(spec)
         registry = cls({event_id: tuple(specs) for event_id, specs in grouped.items()}, by_name)
+        registry.add_declarations(config.declared_events)
         registry.warn_incompatible()
         return registry
 
+    def add_declarations(self, declarations: Iterable[EventDeclaration]) -> None:
+        """Add declared events and work out which events have typed payloads (once, at start-up)."""
+        for declaration in declarations:
+            event_id = validate_event_id(declaration.event_id)
+            fn = declaration.signature_of
+            name = f"declaration of {event_id!r} ({_listener_name(fn)})"
+            self.declared[event_id] = ListenerSpec(
+                name=name,
+                fn=fn,
+                event_ids=frozenset({event_id}),
+                is_async=False,
+                task_options={},
+                check=ArgumentCheck.of(fn),
+                payload=listener_payload(fn, name),
+            )
+        for event_id in {*self.by_event, *self.declared}:
+            specs = (*self.declared_for(event_id), *self.by_event.get(event_id, ()))
+            typed = tuple(spec.payload for spec in specs if spec.payload is not None)
+            if typed:
+                self.payloads[event_id] = EventPayload(typed)
+
+    def declared_for(self, event_id: str) -> tuple[ListenerSpec, ...]:
+        spec = self.declared.get(event_id)
+        return () if spec is None else (spec,)
+
     def get(self, event_id: str) -> tuple[ListenerSpec, ...]:
+        """The event's listeners (and its declaration, if any) whose signatures ``emit`` checks."""
+        if self.declared and event_id in self.declared:
+            return (*self.declared_for(event_id), *self.by_event.get(event_id, ()))
         try:
             return self.by_event[event_id]
         except KeyError:

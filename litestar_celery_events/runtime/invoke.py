@@ -16,7 +16,12 @@ logger = logging.getLogger("litestar_celery_events.worker")
 
 
 def call_listener(spec: ListenerSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Run ``spec``; its exceptions propagate (that is what makes Celery retry)."""
+    """Run ``spec``; its exceptions propagate (that is what makes Celery retry).
+
+    Typed parameters are rebuilt from their JSON first (``PayloadDecodeError`` if one does not fit).
+    """
+    if spec.payload is not None:
+        args, kwargs = spec.payload.decode(args, kwargs)
     result = run_coroutine(spec.fn(*args, **kwargs)) if spec.is_async else spec.fn(*args, **kwargs)
     if result is not None:
         logger.debug("listener %s returned %r; listener return values are ignored", spec.name, result)

@@ -15,6 +15,7 @@ from celery import Task
 from celery.utils.time import get_exponential_backoff_interval
 
 from litestar_celery_events.message import EMITTED_AT_HEADER, EVENT_HEADER, LISTENERS_HEADER
+from litestar_celery_events.payloads import PayloadDecodeError
 from litestar_celery_events.runtime.failures import ListenerFailure, report_failure
 from litestar_celery_events.runtime.invoke import call_listener
 from litestar_celery_events.runtime.scheduler import cancelled_before_run
@@ -36,6 +37,10 @@ AT_LEAST_ONCE = {"acks_late": True, "reject_on_worker_lost": True, "ignore_resul
 
 class ListenerSignatureMismatch(TypeError):
     """The emitted arguments do not fit the listener: retrying cannot help."""
+
+
+PERMANENT_ERRORS = (ListenerSignatureMismatch, PayloadDecodeError)
+"""The arguments do not fit the listener (its signature or a typed parameter): never retried."""
 
 
 def first_retry_countdown(options: Mapping[str, Any]) -> float:
@@ -73,7 +78,7 @@ def _failure(
         args=list(args),
         kwargs=dict(kwargs),
         attempts=attempts,
-        permanent=isinstance(exc, ListenerSignatureMismatch) or not isinstance(exc, Exception),
+        permanent=isinstance(exc, PERMANENT_ERRORS) or not isinstance(exc, Exception),
         emitted_at=request.get(EMITTED_AT_HEADER),
     )
 
@@ -83,7 +88,7 @@ class ListenerTask(Task):  # type: ignore[misc]
 
     spec: ListenerSpec
     event_id: str
-    dont_autoretry_for = (ListenerSignatureMismatch,)
+    dont_autoretry_for = PERMANENT_ERRORS
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         attempts = self.request.retries + 1
@@ -140,7 +145,7 @@ def _register_event_task(
         options = spec.task_options
         max_retries = options.get("max_retries")
         retryable = (
-            not isinstance(exc, ListenerSignatureMismatch)
+            not isinstance(exc, PERMANENT_ERRORS)
             and isinstance(exc, tuple(options.get("autoretry_for", ())))
             and (max_retries is None or max_retries > 0)
         )
