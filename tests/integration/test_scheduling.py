@@ -147,3 +147,30 @@ def test_two_beat_processes_fire_each_tick_once_and_a_restarted_beat_does_not_re
         wait_for(lambda: len(runs_of(records, "heartbeat_listener")) >= len(fired), timeout=10, what="heartbeats")
         time.sleep(0.5)
     assert len(runs_of(records, "heartbeat_listener")) == len(fired)
+
+
+@pytest.mark.parametrize("broker", ["embedded", "amqp"])
+def test_without_the_redis_store_celerys_eta_delays_and_the_cancel_set_holds(
+    broker: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = "filesystem://" if broker == "embedded" else str(request.getfixturevalue("amqp_url"))
+    env = {
+        "CELERY_BROKER_URL": url,
+        "RECORD_FILE": str(tmp_path / "records.jsonl"),
+        "LITESTAR_APP": "tests.apps.recording:create_app",
+        "CELERY_EVENTS_DATA_DIR": str(tmp_path / "data"),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    records = Path(env["RECORD_FILE"])
+    app = create_app()
+    with celery_worker(env, tmp_path / "worker.log", queues=os.environ["TEST_QUEUE"]), TestClient(app):
+        due = time.time() + 2
+        dropped = emit_later(app, "reminder_due", note="cancelled", delay=2)
+        emit_later(app, "reminder_due", note="kept", delay=2)
+        assert cancel_scheduled(app, dropped) is True
+        wait_for(lambda: runs_of(records, "reminder_listener"), timeout=15, what="the kept event")
+        time.sleep(0.5)
+    runs = runs_of(records, "reminder_listener")
+    assert [r["kwargs"]["note"] for r in runs] == ["kept"]
+    assert due <= runs[0]["kwargs"]["at"] <= due + LATE_S
