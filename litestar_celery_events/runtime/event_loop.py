@@ -12,7 +12,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ("run_coroutine",)
+__all__ = ("close_loop", "run_coroutine")
 
 T = TypeVar("T")
 
@@ -31,3 +31,12 @@ def _loop() -> asyncio.AbstractEventLoop:
 def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion on this process's persistent loop."""
     return _loop().run_until_complete(coro)
+
+
+def close_loop() -> None:
+    """Close this thread's loop, if it has one (a thread that ran async listeners and is done)."""
+    loop: asyncio.AbstractEventLoop | None = getattr(_local, "loop", None)
+    if loop is not None and not loop.is_closed():
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    _local.loop = None

@@ -1,0 +1,334 @@
+"""Test helpers for applications: assert which events were emitted, or run listeners inline; no broker.
+
+``fake_events(app)`` records every emission instead of publishing it (as Laravel's
+``Event::fake()``); ``inline_events(app)`` also runs the listeners in the test process, one after
+the other, with the worker's retry and failure rules. Both keep every check ``emit`` makes in
+production (a registered listener, arguments that fit, a JSON-encodable payload, typed payloads),
+so a test fails where production would.
+
+```python
+from litestar.testing import TestClient
+from litestar_celery_events.testing import fake_events
+
+
+def test_signing_up_emits_user_created() -> None:
+    with fake_events(app) as events, TestClient(app) as client:
+        client.post("/users", json={"email": "ada@example.com"})
+    events.assert_emitted("user_created", email="ada@example.com")
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kombu.utils.json import loads as kombu_loads
+
+from litestar_celery_events.emitter import CeleryEventEmitter
+from litestar_celery_events.payloads import PayloadDecodeError
+from litestar_celery_events.publisher import Publisher
+from litestar_celery_events.runtime.event_loop import close_loop
+from litestar_celery_events.runtime.failures import ListenerFailure
+from litestar_celery_events.runtime.invoke import call_listener
+
+if TYPE_CHECKING:
+    from litestar import Litestar
+
+    from litestar_celery_events.listeners import ListenerSpec
+    from litestar_celery_events.message import Emission
+
+__all__ = (
+    "EmittedEvent",
+    "EventRecorder",
+    "InlineEvents",
+    "ListenerFailedError",
+    "ListenerRun",
+    "fake_events",
+    "inline_events",
+)
+
+logger = logging.getLogger("litestar_celery_events.testing")
+
+UNLIMITED_RETRIES_CAP = 10
+"""Inline mode runs a listener with ``max_retries=None`` (Celery: retry forever) at most this often."""
+
+
+class ListenerFailedError(AssertionError):
+    """A listener failed for good while ``inline_events`` ran it (raised when the block ends)."""
+
+
+@dataclass(frozen=True)
+class EmittedEvent:
+    """One recorded emission: the arguments as they were sent (typed payloads as JSON-ready values)."""
+
+    event_id: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    emission_id: str
+    eta: str | None = None
+    """ISO due time of a delayed event (``emit_later``), else ``None``."""
+
+
+@dataclass(frozen=True)
+class ListenerRun:
+    """One attempt of one listener in inline mode."""
+
+    event_id: str
+    listener: str
+    attempt: int
+    error: BaseException | None = None
+
+
+class _NoBroker:
+    """The transport of the recording publisher: there is nothing to publish to."""
+
+    def publish(self, batch: list[Emission], done: list[int]) -> None:
+        raise RuntimeError("fake_events/inline_events publish nothing")
+
+    def close(self) -> None:
+        return None
+
+
+class _RecordingPublisher(Publisher):
+    """Stands in for the publisher: hands each emission to ``record``, never talks to a broker."""
+
+    def __init__(self, emitter: CeleryEventEmitter, record: Callable[[Emission], None]) -> None:
+        config = emitter.config
+        if getattr(config, "spool", False):
+            config = dataclasses.replace(config, spool=False)  # no spool files in tests
+        super().__init__(emitter.celery_app, config, transport=_NoBroker())
+        self._record = record
+
+    def start(self) -> None:
+        return None
+
+    def submit(self, emission: Emission) -> None:
+        self._record(emission)
+
+    def stop(self, timeout_s: float | None = None) -> int:
+        return 0
+
+
+def _match(event: EmittedEvent, args: tuple[Any, ...] | None, kwargs: dict[str, Any] | None) -> bool:
+    return (args is None or event.args == args) and (kwargs is None or event.kwargs == kwargs)
+
+
+@dataclass
+class EventRecorder:
+    """What ``fake_events`` yields: every emission, in order, and assertions over them."""
+
+    emitter: CeleryEventEmitter
+    emitted: list[EmittedEvent] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, emission: Emission) -> None:
+        event = EmittedEvent(emission.event_id, emission.args, emission.kwargs, emission.emission_id, emission.eta)
+        with self._lock:
+            self.emitted.append(event)
+
+    def of(self, event_id: str) -> list[EmittedEvent]:
+        """The emissions of ``event_id``, in order."""
+        return [event for event in self.emitted if event.event_id == event_id]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.emitted.clear()
+
+    def _normalised(self, event_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        """Expected arguments as they are recorded: typed payloads become their JSON-ready values."""
+        payload = self.emitter.registry.payloads.get(event_id)
+        return payload.encode(event_id, args, kwargs) if payload is not None else (args, kwargs)
+
+    def _summary(self) -> str:
+        if not self.emitted:
+            return "nothing was emitted"
+        lines = [f"  {e.event_id}(args={e.args!r}, kwargs={e.kwargs!r})" for e in self.emitted]
+        return "emitted:\n" + "\n".join(lines)
+
+    def assert_emitted(self, event_id: str, *args: Any, **kwargs: Any) -> EmittedEvent:
+        """``event_id`` was emitted; with arguments given, with exactly these. Returns the (first) match."""
+        expected_args, expected_kwargs = (None, None)
+        if args or kwargs:
+            expected_args, expected_kwargs = self._normalised(event_id, args, kwargs)
+        matches = [e for e in self.of(event_id) if _match(e, expected_args, expected_kwargs)]
+        if not matches:
+            wanted = f"{event_id}(args={args!r}, kwargs={kwargs!r})" if args or kwargs else event_id
+            raise AssertionError(f"expected {wanted} to be emitted; {self._summary()}")
+        return matches[0]
+
+    def assert_emitted_times(self, event_id: str, times: int) -> None:
+        """``event_id`` was emitted exactly ``times`` times."""
+        count = len(self.of(event_id))
+        if count != times:
+            raise AssertionError(f"expected {event_id} {times} time(s), emitted {count} time(s); {self._summary()}")
+
+    def assert_not_emitted(self, event_id: str) -> None:
+        if self.of(event_id):
+            raise AssertionError(f"expected {event_id} not to be emitted; {self._summary()}")
+
+    def assert_nothing_emitted(self) -> None:
+        if self.emitted:
+            raise AssertionError(f"expected no events; {self._summary()}")
+
+
+@dataclass
+class InlineEvents(EventRecorder):
+    """What ``inline_events`` yields: the recorder, plus every listener attempt and final failure."""
+
+    runs: list[ListenerRun] = field(default_factory=list)
+    failures: list[ListenerFailure] = field(default_factory=list)
+    _executor: ThreadPoolExecutor | None = field(default=None, repr=False)
+    _runner: threading.local = field(default_factory=threading.local, repr=False)
+
+    def record(self, emission: Emission) -> None:
+        super().record(emission)
+        if getattr(self._runner, "active", False) or self._executor is None:
+            self._run(emission)  # a listener that emits: run its event's listeners right here
+        else:
+            # Async listeners need a loop of their own: run on one runner thread and wait, so the
+            # listeners have run when ``emit`` returns (the caller may be on a running event loop).
+            self._executor.submit(self._run, emission).result()
+
+    def _run(self, emission: Emission) -> None:
+        self._runner.active = True
+        args_json, kwargs_json, _ = kombu_loads(emission.body)  # exactly what a worker would get
+        args, kwargs = tuple(args_json), dict(kwargs_json)
+        specs = self.emitter.registry.by_event.get(emission.event_id, ())
+        only = emission.listeners
+        for spec in specs:
+            if only is None or spec.name in only:
+                self._run_listener(emission, spec, args, kwargs)
+
+    def _run_listener(
+        self, emission: Emission, spec: ListenerSpec, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        options = spec.task_options
+        max_retries = options.get("max_retries")
+        attempts_allowed = 1 + (UNLIMITED_RETRIES_CAP if max_retries is None else int(max_retries))
+        autoretry_for = tuple(options.get("autoretry_for", ()))
+        attempt = 0
+        while True:
+            attempt += 1
+            problem = spec.argument_problem(args, kwargs)
+            try:
+                if problem is not None:
+                    raise TypeError(f"listener {spec.name} {problem}")
+                call_listener(spec, args, kwargs)
+            except Exception as exc:  # noqa: BLE001 - recorded, and raised when the block ends
+                self.runs.append(ListenerRun(emission.event_id, spec.name, attempt, exc))
+                permanent = problem is not None or isinstance(exc, PayloadDecodeError)
+                if not permanent and isinstance(exc, autoretry_for) and attempt < attempts_allowed:
+                    continue  # retried at once: inline mode does not wait out retry delays
+                self._fail(emission, spec, exc, args, kwargs, attempt, permanent)
+                return
+            self.runs.append(ListenerRun(emission.event_id, spec.name, attempt))
+            return
+
+    def _fail(
+        self,
+        emission: Emission,
+        spec: ListenerSpec,
+        exc: Exception,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        attempts: int,
+        permanent: bool,
+    ) -> None:
+        failure = ListenerFailure.from_exception(
+            exc,
+            event_id=emission.event_id,
+            emission_id=emission.emission_id,
+            listener=spec.name,
+            args=list(args),
+            kwargs=dict(kwargs),
+            attempts=attempts,
+            permanent=permanent,
+            emitted_at=emission.emitted_at,
+        )
+        logger.error(
+            "listener %s failed for good on event %r (emission %s) after %d attempt(s): %s",
+            spec.name,
+            emission.event_id,
+            emission.emission_id,
+            attempts,
+            failure.message,
+            extra={"event_id": emission.event_id, "emission_id": emission.emission_id, "listener": spec.name},
+        )
+        self.failures.append(failure)
+
+    def ran(self, listener: str) -> list[ListenerRun]:
+        """The attempts of ``listener`` (its full name ``module.function``, or just ``function``)."""
+        return [r for r in self.runs if r.listener == listener or r.listener.endswith(f".{listener}")]
+
+    def assert_ran(self, listener: str, times: int | None = None) -> None:
+        """``listener`` succeeded (``times`` times, when given)."""
+        succeeded = [r for r in self.ran(listener) if r.error is None]
+        if not succeeded or (times is not None and len(succeeded) != times):
+            runs = "\n".join(f"  {r.listener} attempt {r.attempt}: {r.error!r}" for r in self.runs) or "  none"
+            raise AssertionError(f"expected {listener} to succeed{f' {times} time(s)' if times else ''}; runs:\n{runs}")
+
+    def assert_no_failures(self) -> None:
+        if self.failures:
+            raise ListenerFailedError(
+                "listener(s) failed for good: "
+                + "; ".join(f"{f.listener} on {f.event_id}: {f.exc_type}: {f.message}" for f in self.failures)
+            )
+
+
+def _emitter_of(app: Litestar) -> CeleryEventEmitter:
+    emitter = app.event_emitter
+    if not isinstance(emitter, CeleryEventEmitter):
+        raise TypeError("this Litestar app has no CeleryEventsPlugin")
+    return emitter
+
+
+@contextlib.contextmanager
+def _swap_publisher(recorder: EventRecorder) -> Iterator[None]:
+    emitter = recorder.emitter
+    original, was_running = emitter.publisher, emitter.running
+    emitter.publisher = _RecordingPublisher(emitter, recorder.record)
+    emitter.start()  # also usable without the app's lifespan: app.emit works at once
+    try:
+        yield
+    finally:
+        emitter.publisher = original
+        emitter._running = was_running
+
+
+@contextlib.contextmanager
+def fake_events(app: Litestar) -> Iterator[EventRecorder]:
+    """Record the app's emissions instead of publishing them: no broker, no listener runs.
+
+    ``emit`` still checks everything it checks in production and raises the same errors.
+    """
+    recorder = EventRecorder(_emitter_of(app))
+    with _swap_publisher(recorder):
+        yield recorder
+
+
+@contextlib.contextmanager
+def inline_events(app: Litestar, *, raise_on_failure: bool = True) -> Iterator[InlineEvents]:
+    """Run the app's listeners in this process when events are emitted: no broker, no worker.
+
+    Each emission's listeners have run when ``emit`` returns, with the worker's rules: the JSON the
+    worker would get (typed payloads rebuilt), retries per the listener's options (without waiting
+    out their delays), a failure recorded once retries are exhausted. With ``raise_on_failure``,
+    leaving the block raises ``ListenerFailedError`` if any listener failed for good.
+    """
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inline-events")
+    recorder = InlineEvents(emitter=_emitter_of(app), _executor=executor)
+    try:
+        with _swap_publisher(recorder):
+            yield recorder
+        if raise_on_failure:
+            recorder.assert_no_failures()
+    finally:
+        executor.submit(close_loop).result()
+        executor.shutdown(wait=True)
