@@ -30,12 +30,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _post(url: str, payload: dict[str, str]) -> None:
+def _post(url: str, payload: dict[str, Any]) -> Any:
     request = urllib.request.Request(
         url, data=json.dumps(payload).encode(), headers={"content-type": "application/json"}, method="POST"
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         print(f"  POST {url.split('/', 3)[-1]:<20} {json.dumps(payload):<55} -> {response.status}")
+        return json.loads(response.read() or b"null")
 
 
 def _wait(predicate: Any, what: str, procs: list[subprocess.Popen[bytes]]) -> None:
@@ -87,8 +88,16 @@ def main() -> int:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    print(f"demo: worker and web app output goes to {log.name}")
-    procs = [worker, web]
+    beat = subprocess.Popen(  # emits the periodic "stats_report" event (demo/app.py)
+        [sys.executable, "-m", "celery", "-A", "worker", "beat", "--loglevel", "INFO"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    print(f"demo: worker, beat and web app output goes to {log.name}")
+    procs = [worker, web, beat]
     try:
         _wait(lambda: _port_open(port), "the web app", procs)
         base = f"http://127.0.0.1:{port}"
@@ -96,12 +105,23 @@ def main() -> int:
         _post(f"{base}/users", {"email": "ada@example.com"})
         _post(f"{base}/users/password", {"email": "ada@example.com"})
         _post(f"{base}/users/delete", {"email": "bob@example.com", "reason": "deleted"})
+        print("demo: two reminders due in 2 s; the second is cancelled at once")
+        kept = _post(f"{base}/reminders", {"email": "carol@example.com", "delay_s": 2})
+        dropped = _post(f"{base}/reminders", {"email": "dave@example.com", "delay_s": 2})
+        cancelled = _post(f"{base}/reminders/cancel", {"emission_id": dropped["emission_id"]})
         _wait(lambda: len(_runs(runs_file)) >= EXPECTED_RUNS, "the listeners to run", procs)
-        time.sleep(0.5)
+        _wait(lambda: _ran(runs_file, "send_trial_reminder"), "the delayed reminder", procs)
+        _wait(lambda: _ran(runs_file, "report_stats"), "beat's periodic event", procs)
+        time.sleep(max(0.5, dropped["due_at"] + 1.0 - time.time()))  # the cancelled one would have run by now
         print("demo: listeners that ran (in the worker's child processes, not the web app):")
         for run in _runs(runs_file):
             where = "web app!" if run["pid"] == web.pid else "worker"
             print(f"  {run['listener']:<28} pid {run['pid']:<7} ({where})  kwargs={run['kwargs']}")
+        reminders = [r["kwargs"]["email"] for r in _runs(runs_file) if r["listener"] == "send_trial_reminder"]
+        carol, dave = reminders.count("carol@example.com"), reminders.count("dave@example.com")
+        ran_at = next(r["kwargs"]["ran_at"] for r in _runs(runs_file) if r["listener"] == "send_trial_reminder")
+        print(f"demo: carol's reminder ran {carol} time(s), {ran_at - kept['due_at']:.2f} s after it was due")
+        print(f"demo: dave's reminder: cancel_scheduled -> {cancelled['cancelled']}, ran {dave} time(s)")
         print("demo: done")
         return 0
     finally:
@@ -116,6 +136,10 @@ def _port_open(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def _ran(path: Path, listener: str) -> bool:
+    return any(run["listener"] == listener for run in _runs(path))
 
 
 def _runs(path: Path) -> list[dict[str, Any]]:

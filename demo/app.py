@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,9 +19,18 @@ from litestar.enums import RequestEncodingType
 from litestar.events import listener as litestar_listener
 from litestar.params import Body
 
-from litestar_celery_events import CeleryEventsConfig, CeleryEventsPlugin, listener
+from litestar_celery_events import (
+    CeleryEventsConfig,
+    CeleryEventsPlugin,
+    PeriodicEvent,
+    cancel_scheduled,
+    emit_later,
+    listener,
+)
 
-config = CeleryEventsConfig()  # broker: env CELERY_BROKER_URL, else the embedded filesystem broker
+# Broker: env CELERY_BROKER_URL, else the embedded filesystem broker. `celery -A worker beat`
+# emits "stats_report" every 2 seconds (a celery crontab works too: crontab(hour=7, minute=0)).
+config = CeleryEventsConfig(periodic=[PeriodicEvent("stats_report", timedelta(seconds=2), kwargs={"period": "2s"})])
 RUNS_FILE = config.resolved_data_dir / "demo-runs.jsonl"
 
 
@@ -48,6 +59,16 @@ async def send_farewell_email_handler(email: str, **kwargs: Any) -> None:
 @listener("user_deleted")  # a second listener on the same event; sync listeners work too
 def notify_customer_support(reason: str, **kwargs: Any) -> None:
     record("notify_customer_support", reason=reason, **kwargs)
+
+
+@listener("trial_ending")  # emitted later with emit_later; a cancelled one never runs
+def send_trial_reminder(email: str, **kwargs: Any) -> None:
+    record("send_trial_reminder", email=email, ran_at=round(time.time(), 2))
+
+
+@listener("stats_report")  # emitted by beat on a schedule
+def report_stats(period: str) -> None:
+    record("report_stats", period=period, ran_at=round(time.time(), 2))
 
 
 @dataclass
@@ -85,8 +106,49 @@ async def delete_user_handler(
     return {"deleted": data.email}
 
 
+@dataclass
+class ReminderDTO:
+    email: str
+    delay_s: float
+
+
+@post("/reminders")
+async def schedule_reminder_handler(
+    data: Annotated[ReminderDTO, Body(media_type=RequestEncodingType.JSON)], request: Request[Any, Any, Any]
+) -> dict[str, Any]:
+    due_at = time.time() + data.delay_s
+    emission_id = emit_later(request.app, "trial_ending", email=data.email, delay=data.delay_s)
+    return {"emission_id": emission_id, "due_at": due_at}
+
+
+@dataclass
+class CancelDTO:
+    emission_id: str
+
+
+@post("/reminders/cancel", status_code=200, sync_to_thread=True)
+def cancel_reminder_handler(
+    data: Annotated[CancelDTO, Body(media_type=RequestEncodingType.JSON)], request: Request[Any, Any, Any]
+) -> dict[str, bool]:
+    # A sync handler run in a thread: cancel_scheduled makes one round trip to the store.
+    return {"cancelled": cancel_scheduled(request.app, data.emission_id)}
+
+
 app = Litestar(
-    route_handlers=[create_user_handler, change_password_handler, delete_user_handler],
-    listeners=[send_welcome_email_handler, send_email_handler, send_farewell_email_handler, notify_customer_support],
+    route_handlers=[
+        create_user_handler,
+        change_password_handler,
+        delete_user_handler,
+        schedule_reminder_handler,
+        cancel_reminder_handler,
+    ],
+    listeners=[
+        send_welcome_email_handler,
+        send_email_handler,
+        send_farewell_email_handler,
+        notify_customer_support,
+        send_trial_reminder,
+        report_stats,
+    ],
     plugins=[CeleryEventsPlugin(config)],
 )

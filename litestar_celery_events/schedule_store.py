@@ -170,10 +170,11 @@ class RedisScheduleStore:
 
     def move_due(self, now: float, limit: int = 1000) -> tuple[int, float | None]:
         """Enqueue up to ``limit`` events due by ``now``; return (how many, next due time or None)."""
-        moved, next_due = _script(self.client, _MOVE)(
+        reply = _script(self.client, _MOVE)(
             keys=[self.zset, self.messages], args=[repr(now), limit], client=self.client
         )
-        return int(moved), None if next_due is None else float(next_due)
+        # Lua drops a trailing nil: an empty store answers {moved} alone.
+        return int(reply[0]), float(reply[1]) if len(reply) > 1 else None
 
     def fire_tick(self, name: str, slot: float, list_key: str, envelope: str) -> bool:
         """Claim tick ``slot`` of ``name`` and enqueue its message in one step; False if already fired."""

@@ -91,11 +91,13 @@ class Mover:
                 failures += 1
                 self.store.close()
                 if failures == 1 or failures % 50 == 0:
-                    logger.warning("delayed-event mover cannot reach Redis (%s); retrying", redact_url(str(exc)))
+                    logger.warning(
+                        "delayed-event mover failed (%s: %s); retrying", type(exc).__name__, redact_url(str(exc))
+                    )
                 self._stop.wait(min(MAX_RETRY_WAIT_S, 0.05 * 2 ** min(failures, 6)))
                 continue
             if failures:
-                logger.warning("delayed-event mover reached Redis again after %d failed attempt(s)", failures)
+                logger.warning("delayed-event mover working again after %d failed attempt(s)", failures)
                 failures = 0
             if moved >= MOVE_BATCH:
                 continue

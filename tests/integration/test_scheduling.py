@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import redis
 from litestar.testing import TestClient
 
 from litestar_celery_events import cancel_scheduled, emit_later
-from litestar_celery_events.schedule_store import redis_keys
+from litestar_celery_events.schedule_store import RedisScheduleStore, redis_keys, stage_delayed
 from tests.apps.recording import create_app
 from tests.helpers import CeleryProcess, celery_worker, runs_of, wait_for
 
@@ -52,7 +54,7 @@ def test_delay_and_at_are_honoured_not_before_and_shortly_after(
 ) -> None:
     records = Path(env["RECORD_FILE"])
     app = create_app()
-    with celery_worker(env, tmp_path / "worker.log", queues=os.environ["TEST_QUEUE"]), TestClient(app):
+    with celery_worker(env, tmp_path / "worker.log", queues=os.environ["TEST_QUEUE"]) as worker, TestClient(app):
         now = time.time()
         due_delay = now + 1.5
         emit_later(app, "reminder_due", note="delay", delay=1.5)
@@ -60,11 +62,30 @@ def test_delay_and_at_are_honoured_not_before_and_shortly_after(
         emit_later(app, "reminder_due", note="at", at=datetime.fromtimestamp(due_at, tz=timezone.utc))
         emit_later(app, "reminder_due", note="timedelta", delay=timedelta(seconds=2))
         wait_for(lambda: len(runs_of(records, "reminder_listener")) >= 3, timeout=10, what="the delayed events")
+        assert "mover failed" not in worker.output()
 
     started = {r["kwargs"]["note"]: r["kwargs"]["at"] for r in runs_of(records, "reminder_listener")}
     for note, due in (("delay", due_delay), ("at", due_at), ("timedelta", now + 2.0)):
         assert due <= started[note] <= due + LATE_S, f"{note}: started {started[note] - due:+.3f}s after due"
     assert store.zcard(redis_keys()[0]) == 0
+
+
+def test_racing_movers_enqueue_each_due_event_exactly_once(redis_url: str, store: redis.Redis) -> None:
+    movers = [RedisScheduleStore(redis_url) for _ in range(4)]
+    assert movers[0].move_due(time.time()) == (0, None)  # an empty store
+    queue = f"race-{os.environ['TEST_QUEUE']}"
+    pipe = store.pipeline(transaction=False)
+    now = time.time()
+    for n in range(3000):
+        stage_delayed(pipe, "", f"id-{n}", now - 1 if n < 2000 else now + 3600, queue, f'{{"n":{n}}}')
+    pipe.execute()
+    with ThreadPoolExecutor(len(movers)) as pool:
+        list(pool.map(lambda mover: [mover.move_due(time.time(), 50) for _ in range(20)], movers))
+    moved = [json.loads(m)["n"] for m in store.lrange(queue, 0, -1)]
+    assert sorted(moved) == list(range(2000))
+    assert movers[0].waiting() == 1000
+    assert movers[0].move_due(time.time()) == (0, pytest.approx(now + 3600))
+    store.delete(queue)
 
 
 def test_a_cancelled_event_never_runs_even_across_a_worker_restart(
