@@ -12,13 +12,17 @@ from litestar.cli._utils import LitestarGroup
 
 from litestar_celery_events.config import redact_url
 from litestar_celery_events.emitter import CeleryEventEmitter
+from litestar_celery_events.failed_store import ReplayError, failed_store_for, replay_emission
 from litestar_celery_events.runtime.worker_app import LITESTAR_APP_ENV
+from litestar_celery_events.spool import spool_depth
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from litestar import Litestar
     from litestar.cli._utils import LitestarEnv
+
+    from litestar_celery_events.config import CeleryEventsConfig
 
 __all__ = ("celery_invocation", "events_group", "status_of")
 
@@ -54,6 +58,8 @@ def status_of(app: Litestar) -> dict[str, Any]:
             ]
             for event_id, specs in sorted(emitter.registry.by_event.items())
         },
+        "spooled_events": spool_depth(config),
+        "failed_events": _failed_summary(config),
     }
 
 
@@ -71,6 +77,9 @@ def status_command(app: Litestar, as_json: bool) -> None:
         click.echo(json.dumps(status, indent=2))
         return
     click.echo(f"broker: {status['broker']}")
+    click.echo(f"spooled events (waiting for the broker): {status['spooled_events']}")
+    failed = status["failed_events"]
+    click.echo(f"failed events: {failed.get('count', failed.get('error'))} in {failed['store']}")
     for event_id, listeners in status["events"].items():
         click.echo(f"{event_id}  (task {emitter_of(app).config.event_task_name(event_id)})")
         for entry in listeners:
@@ -123,3 +132,92 @@ def flower_command(env: LitestarEnv, no_auth: bool, flower_args: tuple[str, ...]
             "(or pass --basic-auth=user:password), or --no-auth to run it open on purpose"
         )
     _exec_celery(env, "flower", flower_args)
+
+
+def _failed_summary(config: CeleryEventsConfig) -> dict[str, Any]:
+    store = failed_store_for(config)
+    try:
+        return {"store": store.location, "count": store.count()}
+    except Exception as exc:  # noqa: BLE001 - status must print even when the store is unreachable
+        return {"store": store.location, "error": f"unavailable ({redact_url(str(exc))})"}
+    finally:
+        store.close()
+
+
+@events_group.group(name="failed")
+def failed_group() -> None:
+    """Failed events: listener runs that exhausted their retries or can never succeed."""
+
+
+def _store_of(app: Litestar) -> Any:
+    return failed_store_for(emitter_of(app).config)
+
+
+def _json_default(value: Any) -> Any:
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+@failed_group.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per record.")
+@click.option("--event", "event_id", default=None, help="Only records of this event id.")
+@click.option("--listener", default=None, help="Only records of this listener (full or short name).")
+def failed_list_command(app: Litestar, as_json: bool, event_id: str | None, listener: str | None) -> None:
+    """List failed events, oldest first."""
+    records = _store_of(app).records(event_id=event_id, listener=listener)
+    if as_json:
+        click.echo(json.dumps(records, default=_json_default, ensure_ascii=False))
+        return
+    for record in records:
+        click.echo(
+            f"{record['id']}  {record['event_id']}  {record['listener']}  attempts={record['attempts']}  "
+            f"{record['exc_type']}: {redact_url(str(record['message']))[:200]}"
+        )
+    click.echo(f"{len(records)} failed event(s)")
+
+
+@failed_group.command(name="show")
+@click.argument("record_id")
+def failed_show_command(app: Litestar, record_id: str) -> None:
+    """Show one failed event in full (arguments, exception, traceback) as JSON."""
+    record = _store_of(app).get(record_id)
+    if record is None:
+        raise click.ClickException(f"no failed event {record_id!r}")
+    click.echo(redact_url(json.dumps(record, default=_json_default, indent=2, ensure_ascii=False)))
+
+
+@failed_group.command(name="replay")
+@click.argument("record_ids", nargs=-1, required=True)
+def failed_replay_command(app: Litestar, record_ids: tuple[str, ...]) -> None:
+    """Re-enqueue a failed event for its listener only, with fresh retries; the record is removed."""
+    from litestar_celery_events.transports import transport_for
+
+    emitter = emitter_of(app)
+    store = failed_store_for(emitter.config)
+    transport = transport_for(emitter.celery_app)
+    try:
+        for record_id in record_ids:
+            record = store.get(record_id)
+            if record is None:
+                raise click.ClickException(f"no failed event {record_id!r}")
+            try:
+                emission = replay_emission(record, emitter.registry, emitter.config)
+            except ReplayError as exc:
+                raise click.ClickException(f"cannot replay {record_id}: {exc}") from None
+            transport.publish([emission], [0])
+            store.delete([record_id])
+            click.echo(f"replayed {record_id}: task {emission.task_name} id {emission.emission_id}")
+    finally:
+        transport.close()
+
+
+@failed_group.command(name="purge")
+@click.option("--event", "event_id", default=None, help="Only records of this event id.")
+@click.option("--listener", default=None, help="Only records of this listener (full or short name).")
+def failed_purge_command(app: Litestar, event_id: str | None, listener: str | None) -> None:
+    """Delete failed events (all of them, or those of one event or listener)."""
+    store = _store_of(app)
+    if event_id is None and listener is None:
+        removed = store.purge()
+    else:
+        removed = store.delete(r["id"] for r in store.records(event_id=event_id, listener=listener))
+    click.echo(f"purged {removed} failed event(s)")

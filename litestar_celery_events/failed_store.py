@@ -32,14 +32,18 @@ if TYPE_CHECKING:
     import redis
 
     from litestar_celery_events.config import CeleryEventsConfig
+    from litestar_celery_events.listeners import ListenerRegistry
+    from litestar_celery_events.message import Emission
     from litestar_celery_events.runtime.failures import ListenerFailure
 
 __all__ = (
     "FailedStore",
+    "ReplayError",
     "RedisFailedStore",
     "SqliteFailedStore",
     "failed_store_for",
     "record_id",
+    "replay_emission",
 )
 
 REDIS_SCHEMES = ("redis://", "rediss://")
@@ -238,3 +242,40 @@ def failed_store_for(config: CeleryEventsConfig, broker_url: str | None = None) 
     if url.startswith("sqlite:///"):
         return SqliteFailedStore(Path(url.removeprefix("sqlite:///")))
     return SqliteFailedStore(config.resolved_data_dir / SQLITE_FILE)
+
+
+class ReplayError(LookupError):
+    """A record that cannot be replayed: its event or listener is not in this app, or it has no arguments."""
+
+
+def replay_emission(record: dict[str, Any], registry: ListenerRegistry, config: CeleryEventsConfig) -> Emission:
+    """The message that re-runs ``record``'s listener only: its own task, fresh retries, same arguments.
+
+    The task id is new (``<emission>:<listener>:replay-<n>``); ``root_id`` stays the original
+    emission id, so a replay that fails again overwrites this same record.
+    """
+    from litestar_celery_events.message import Emission, new_emission_id
+
+    event_id, listener = str(record["event_id"]), str(record["listener"])
+    specs = registry.by_event.get(event_id)
+    if not specs:
+        raise ReplayError(f"event {event_id!r} has no listener in this app: nothing to replay it to")
+    spec = next((s for s in specs if s.name == listener), None)
+    if spec is None:
+        raise ReplayError(
+            f"{listener!r} is not a listener of event {event_id!r} in this app "
+            f"(listeners: {', '.join(s.name for s in specs)})"
+        )
+    emission = Emission.create(
+        event_id,
+        config.listener_task_name(event_id, spec.name),
+        tuple(record.get("args") or ()),
+        dict(record.get("kwargs") or {}),
+        max_payload_bytes=config.max_payload_bytes,
+        queue=spec.task_options.get("queue") or config.default_queue,
+    )
+    original = str(record["emission_id"])
+    emission.emission_id = f"{original}:{spec.name}:replay-{new_emission_id()[-8:]}"
+    emission.emitted_at = float(record.get("emitted_at") or emission.emitted_at)
+    emission.extra_headers = {"root_id": original}
+    return emission

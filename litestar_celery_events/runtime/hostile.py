@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from celery import signals
+from celery import bootsteps, signals
+from celery.exceptions import NotRegistered
 from kombu.exceptions import ContentDisallowed, DecodeError
 
 from litestar_celery_events.message import CONTENT_TYPE, EMITTED_AT_HEADER, EVENT_HEADER
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
     from litestar_celery_events.config import CeleryEventsConfig
 
-__all__ = ("UNREADABLE_PAYLOAD_ERRORS", "record_refused_messages")
+__all__ = ("UNREADABLE_PAYLOAD_ERRORS", "RecordDecodeErrors", "record_refused_messages")
 
 UNREADABLE_PAYLOAD_ERRORS = (ContentDisallowed, DecodeError)
 NO_LISTENER = "-"
@@ -59,6 +60,23 @@ def _refused(message: Any, exc: BaseException, task_name: str | None, task_id: s
     )
 
 
+class RecordDecodeErrors(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped
+    """A body the consumer cannot decode is acked and logged by Celery, with no signal: record it too."""
+
+    def start(self, parent: Any) -> None:
+        original = parent.on_decode_error
+        if getattr(original, "records_failures", False):
+            return
+
+        def on_decode_error(message: Any, exc: BaseException) -> None:
+            original(message, exc)
+            task = (getattr(message, "headers", None) or {}).get("task")
+            report_failure(_refused(message, exc, str(task) if task else None, None))
+
+        on_decode_error.records_failures = True  # type: ignore[attr-defined]
+        parent.on_decode_error = on_decode_error
+
+
 def record_refused_messages(celery_app: Celery, config: CeleryEventsConfig) -> None:
     """Connect the handlers for ``celery_app``'s worker (idempotent per app)."""
     prefix = f"{config.task_name_prefix}."
@@ -68,7 +86,7 @@ def record_refused_messages(celery_app: Celery, config: CeleryEventsConfig) -> N
 
     def on_unknown(sender: Any = None, message: Any = None, exc: Any = None, name: Any = None, **extra: Any) -> None:
         if ours(sender):
-            error = exc if isinstance(exc, BaseException) else LookupError(f"unregistered task {name!r}")
+            error = exc if isinstance(exc, NotRegistered) else NotRegistered(str(name))  # Celery passes a KeyError
             task_id = extra.get("id")
             report_failure(_refused(message, error, str(name) if name else None, str(task_id) if task_id else None))
 
@@ -88,6 +106,8 @@ def record_refused_messages(celery_app: Celery, config: CeleryEventsConfig) -> N
         failure.emitted_at = getattr(request, EMITTED_AT_HEADER, None)
         report_failure(failure)
 
+    if RecordDecodeErrors not in celery_app.steps["consumer"]:
+        celery_app.steps["consumer"].add(RecordDecodeErrors)
     signals.task_unknown.connect(on_unknown, weak=False, dispatch_uid=f"celery-events-unknown-{id(celery_app)}")
     signals.task_rejected.connect(on_rejected, weak=False, dispatch_uid=f"celery-events-rejected-{id(celery_app)}")
     signals.task_failure.connect(on_failure, weak=False, dispatch_uid=f"celery-events-failure-{id(celery_app)}")

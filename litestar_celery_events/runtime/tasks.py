@@ -129,7 +129,9 @@ def _register_event_task(
         targets = specs if only is None else [s for s in specs if s.name in only]
         for name in set(only or ()) - {s.name for s in specs}:
             exc = LookupError(f"event {event_id!r} has no registered listener {name!r}")
-            report_failure(_failure(self, name, exc, args, kwargs, attempts=0))
+            failure = _failure(self, name, exc, args, kwargs, attempts=0)
+            failure.permanent = True  # no retry can make an unregistered listener appear
+            report_failure(failure)
         for spec in targets:
             listener_task = listener_tasks[spec.name]
             if spec.runs_as_own_task:
