@@ -46,6 +46,7 @@ __all__ = (
 logger = logging.getLogger("litestar_celery_events.scheduler")
 
 MOVE_BATCH = 1000
+DEFAULT_BEAT_SCHEDULER = "celery.beat.PersistentScheduler"
 MAX_RETRY_WAIT_S = 2.0
 
 
@@ -288,7 +289,15 @@ def install_scheduling(celery_app: Celery, emitter: CeleryEventEmitter) -> None:
     config = emitter.config
     check_periodic_events(emitter)
     celery_app.celery_events_data_dir = config.resolved_data_dir
-    celery_app.conf.beat_scheduler = EventScheduler.bound_to(emitter)
+    current = celery_app.conf.beat_scheduler
+    if isinstance(current, str) and current.replace(":", ".") != DEFAULT_BEAT_SCHEDULER:
+        if config.periodic:  # e.g. a bring-your-own app on celery-redbeat: ours would be silently skipped
+            raise ValueError(
+                f"CeleryEventsConfig.periodic needs beat's EventScheduler, but the Celery app sets "
+                f"beat_scheduler={current!r}; remove that setting or move the periodic events to it"
+            )
+    else:
+        celery_app.conf.beat_scheduler = EventScheduler.bound_to(emitter)
     store = schedule_store_for(celery_app, config.resolved_data_dir)
     if not isinstance(store, RedisScheduleStore):
         return

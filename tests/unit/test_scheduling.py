@@ -190,3 +190,25 @@ def test_eta_round_trips_through_celerys_iso_format() -> None:
 def test_scheduling_needs_the_plugin(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="no CeleryEventsPlugin"):
         emit_later(Litestar(), "reminder", delay=1)
+
+
+def test_periodic_events_refuse_a_celery_app_with_another_beat_scheduler(tmp_path: Path) -> None:
+    from celery import Celery
+
+    from litestar_celery_events.runtime.scheduler import EventScheduler, install_scheduling
+
+    own = Celery(set_as_current=False)
+    own.conf.beat_scheduler = "redbeat:RedBeatScheduler"
+    config = CeleryEventsConfig(
+        data_dir=str(tmp_path), celery_app=own, periodic=[PeriodicEvent("reminder", 60, kwargs={"note": "x"})]
+    )
+    app = Litestar(listeners=[remind], plugins=[CeleryEventsPlugin(config)])
+    emitter = app.event_emitter
+    assert isinstance(emitter, CeleryEventEmitter)
+    with pytest.raises(ValueError, match="redbeat:RedBeatScheduler"):
+        install_scheduling(emitter.celery_app, emitter)
+
+    default = Litestar(listeners=[remind], plugins=[CeleryEventsPlugin(CeleryEventsConfig(data_dir=str(tmp_path)))])
+    assert isinstance(default.event_emitter, CeleryEventEmitter)
+    install_scheduling(default.event_emitter.celery_app, default.event_emitter)
+    assert issubclass(default.event_emitter.celery_app.conf.beat_scheduler, EventScheduler)
