@@ -31,6 +31,7 @@ def _embedded_transport_options(config: CeleryEventsConfig) -> dict[str, Any]:
         "data_folder_in": str(folder),
         "data_folder_out": str(folder),
         "processed_folder": str(folder / "processed"),
+        "control_folder": str(folder / "control"),  # kombu's default is ./control in the cwd
         "store_processed": False,
     }
 
