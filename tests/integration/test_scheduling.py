@@ -154,7 +154,9 @@ def test_two_beat_processes_fire_each_tick_once_and_a_restarted_beat_does_not_re
             second.stop()
         together = _ticks(first, second)
         assert len(together) == len(set(together)), f"a tick fired twice: {sorted(together)}"
-        assert 4 <= len(together) <= 7, together
+        assert len(together) >= 5, together
+        contended = sum(beat.output().count("was already fired by another beat") for beat in (first, second))
+        assert contended >= 4, "the two beats should both have tried most ticks"
         stamps = sorted(datetime.fromisoformat(t).timestamp() for t in together)
         assert all(b - a == 1 for a, b in itertools.pairwise(stamps)), f"a tick was skipped: {stamps}"
 
