@@ -19,9 +19,10 @@ from litestar_celery_events.errors import EmitterNotRunningError
 from litestar_celery_events.listeners import ListenerRegistry
 from litestar_celery_events.message import Emission
 from litestar_celery_events.publisher import Publisher
+from litestar_celery_events.tracing import emission_tracer
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from types import TracebackType
 
     from celery import Celery
@@ -47,6 +48,7 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
         self.celery_app: Celery = build_celery_app(self.config)
         self.publisher = Publisher(self.celery_app, self.config)
         self._running = False
+        self._trace: Callable[[Emission], None] | None = emission_tracer()  # None without opentelemetry
 
     @classmethod
     def bound_to(cls, config: CeleryEventsConfig) -> type[CeleryEventEmitter]:
@@ -99,7 +101,7 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
         payloads = self.registry.payloads  # empty unless some listener or declaration has typed parameters
         if payloads and event_id in payloads:
             args, kwargs = payloads[event_id].encode(event_id, args, kwargs)
-        return Emission.create(
+        emission = Emission.create(
             event_id,
             self.config.event_task_name(event_id),
             args,
@@ -107,6 +109,9 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
             max_payload_bytes=self.config.max_payload_bytes,
             queue=self.config.default_queue,
         )
+        if self._trace is not None:
+            self._trace(emission)  # adds traceparent when a span is current
+        return emission
 
     def submit(self, emission: Emission) -> str:
         self.publisher.submit(emission)

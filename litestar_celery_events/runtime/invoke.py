@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from litestar_celery_events.runtime.event_loop import run_coroutine
@@ -10,9 +12,12 @@ from litestar_celery_events.runtime.event_loop import run_coroutine
 if TYPE_CHECKING:
     from litestar_celery_events.listeners import ListenerSpec
 
-__all__ = ("call_listener",)
+__all__ = ("around_listener", "call_listener")
 
 logger = logging.getLogger("litestar_celery_events.worker")
+
+around_listener: Callable[[ListenerSpec], AbstractContextManager[Any]] | None = None
+"""Wraps each listener call (a trace span, the listener in the log context); set by ``tracing``."""
 
 
 def call_listener(spec: ListenerSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -20,6 +25,14 @@ def call_listener(spec: ListenerSpec, args: tuple[Any, ...], kwargs: dict[str, A
 
     Typed parameters are rebuilt from their JSON first (``PayloadDecodeError`` if one does not fit).
     """
+    if around_listener is not None:
+        with around_listener(spec):
+            _call(spec, args, kwargs)
+    else:
+        _call(spec, args, kwargs)
+
+
+def _call(spec: ListenerSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     if spec.payload is not None:
         args, kwargs = spec.payload.decode(args, kwargs)
     result = run_coroutine(spec.fn(*args, **kwargs)) if spec.is_async else spec.fn(*args, **kwargs)

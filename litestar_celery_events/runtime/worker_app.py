@@ -15,6 +15,7 @@ from litestar_celery_events.runtime.failures import record_failures_in
 from litestar_celery_events.runtime.hostile import record_refused_messages
 from litestar_celery_events.runtime.scheduler import install_scheduling
 from litestar_celery_events.runtime.tasks import register_event_tasks
+from litestar_celery_events.tracing import install_worker_observability
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -46,6 +47,7 @@ def create_worker_app(litestar_app: Litestar | str | None = None) -> Celery:
         raise TypeError("the Litestar app has no CeleryEventsPlugin: add plugins=[CeleryEventsPlugin(config)]")
     celery_app = emitter.celery_app
     register_event_tasks(celery_app, emitter.registry, emitter.config)
+    install_worker_observability(celery_app, emitter.config)
     install_scheduling(celery_app, emitter)
     record_failures_in(failed_store_for(emitter.config, str(celery_app.conf.broker_url)))
     record_refused_messages(celery_app, emitter.config)

@@ -20,6 +20,7 @@ from flower.options import options as flower_options
 
 from litestar_celery_events.config import BROKER_URL_ENV, DATA_DIR_ENV
 from litestar_celery_events.runtime.worker_app import LITESTAR_APP_ENV
+from litestar_celery_events.tracing import LOG_FORMAT_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((ROOT / "tests" / "compose" / "compose-spec.json").read_text())
@@ -41,7 +42,7 @@ def _command(service: dict[str, Any]) -> str:
 
 def _known_env_names() -> set[str]:
     flower = {f"FLOWER_{name.replace('-', '_').upper()}" for name in flower_options._options}
-    return {BROKER_URL_ENV, DATA_DIR_ENV, LITESTAR_APP_ENV} | flower
+    return {BROKER_URL_ENV, DATA_DIR_ENV, LITESTAR_APP_ENV, LOG_FORMAT_ENV} | flower
 
 
 def test_compose_file_is_valid_under_the_compose_specification_schema() -> None:
