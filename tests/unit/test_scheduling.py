@@ -54,7 +54,7 @@ def _published(app: Litestar) -> int:
         ({}, "exactly one of delay= .* or at="),
         ({"delay": 5, "at": datetime.now(timezone.utc)}, "exactly one of delay="),
         ({"at": datetime(2030, 1, 1, 12, 0)}, "is naive; pass a timezone-aware datetime"),
-        ({"at": datetime.now(timezone.utc) - timedelta(minutes=1)}, r"60\.\ds in the past"),
+        ({"at": datetime.now(timezone.utc) - timedelta(minutes=1)}, r"\d+\.\ds in the past"),
         ({"delay": -30}, "in the past"),
         ({"delay": "10"}, "delay= must be seconds or a timedelta, got str"),
         ({"delay": True}, "got bool"),
