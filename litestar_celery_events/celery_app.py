@@ -12,6 +12,13 @@ if TYPE_CHECKING:
 __all__ = ("build_celery_app", "secure_defaults")
 
 
+REDIS_TRANSPORT_DEFAULTS: dict[str, Any] = {"unacked_restore_throttle": 1}
+"""Messages a dead worker left unacknowledged (kill -9, OOM) go back to their queue once their
+``visibility_timeout`` has passed: kombu looks for them on every sweep (every 10 s) instead of
+every 10th sweep, so they come back within about ``visibility_timeout + 10 s``, not ``+ 100 s``.
+Used when neither ``celery_config`` nor a brought Celery app sets ``broker_transport_options``."""
+
+
 def secure_defaults() -> dict[str, Any]:
     """JSON only, also on a bring-your-own app: a pickle message is refused unread."""
     return {
@@ -50,5 +57,8 @@ def build_celery_app(config: CeleryEventsConfig, main: str = "litestar_celery_ev
     if config.default_queue:
         settings["task_default_queue"] = config.default_queue
     settings.update(config.celery_config)
+    redis = config.resolved_broker_url.startswith(("redis://", "rediss://"))
+    if redis and "broker_transport_options" not in settings and not app.conf.broker_transport_options:
+        settings["broker_transport_options"] = dict(REDIS_TRANSPORT_DEFAULTS)  # yours, if any, are kept as they are
     app.conf.update(settings)
     return app

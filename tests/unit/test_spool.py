@@ -197,3 +197,13 @@ def test_a_full_memory_buffer_spills_to_the_spool_instead_of_raising(tmp_path: P
         publisher.submit(_emission(n))
     assert publisher.pending == 0
     assert publisher.spooled == 10
+
+
+def test_redis_brokers_sweep_for_a_dead_workers_unacked_messages_on_every_tick() -> None:
+    from litestar_celery_events.celery_app import build_celery_app
+
+    app = build_celery_app(CeleryEventsConfig(broker_url="redis://localhost:6379/0"))
+    assert app.conf.broker_transport_options == {"unacked_restore_throttle": 1}
+    own = {"broker_transport_options": {"visibility_timeout": 60}}
+    kept = build_celery_app(CeleryEventsConfig(broker_url="redis://localhost:6379/0", celery_config=own))
+    assert kept.conf.broker_transport_options == {"visibility_timeout": 60}
