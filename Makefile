@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench screenshot
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,8 @@ test: lint
 
 bench: install
 	$(PY) -m bench
+
+# docs/flower-tasks.png: the demo's events in a real Flower, photographed by headless Chromium.
+screenshot: install
+	scripts/screenshot/ensure-browser.sh
+	$(PY) scripts/flower_screenshot.py --out docs/flower-tasks.png

@@ -29,6 +29,8 @@ __all__ = ("celery_invocation", "events_group", "status_of")
 WORKER_MODULE = "worker"
 """What ``celery -A`` loads: the ``worker`` module shipped with this package (or the project's own)."""
 FLOWER_AUTH_OPTIONS = ("--basic-auth", "--basic_auth", "--auth")
+FLOWER_TASKS_COLUMNS = "name,uuid,state,args,kwargs,retries,exception,received,runtime,worker"
+"""Flower's task list with each event's arguments, retries and error (Flower's default omits them)."""
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 
@@ -131,6 +133,8 @@ def flower_command(env: LitestarEnv, no_auth: bool, flower_args: tuple[str, ...]
             "Flower can revoke tasks and shut workers down: set FLOWER_BASIC_AUTH=user:password "
             "(or pass --basic-auth=user:password), or --no-auth to run it open on purpose"
         )
+    if not os.environ.get("FLOWER_TASKS_COLUMNS") and not any(a.startswith("--tasks") for a in flower_args):
+        flower_args = (f"--tasks_columns={FLOWER_TASKS_COLUMNS}", *flower_args)
     _exec_celery(env, "flower", flower_args)
 
 

@@ -93,5 +93,6 @@ def test_events_flower_serves_its_api_behind_basic_auth(env: dict[str, str], tmp
         status, tasks = http_get(f"{base}/api/tasks", auth=("ops", "s3cret"))
         assert status == 200
         assert isinstance(tasks, dict)
+        assert "flower --tasks_columns=name,uuid,state,args,kwargs," in flower.output()  # arguments shown
     finally:
         flower.stop()

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from flower.options import options as flower_options
 
+from litestar_celery_events.cli import FLOWER_TASKS_COLUMNS
 from litestar_celery_events.config import BROKER_URL_ENV, DATA_DIR_ENV
 from litestar_celery_events.runtime.worker_app import LITESTAR_APP_ENV
 from litestar_celery_events.tracing import LOG_FORMAT_ENV
@@ -101,6 +102,11 @@ def test_flower_needs_basic_auth_from_the_environment_and_listens_on_loopback_on
     assert (match["modifier"] or "").startswith(":?"), "compose must refuse to start Flower without credentials"
     assert all(str(port).startswith("127.0.0.1:") for port in flower["ports"])
     assert "FLOWER_BASIC_AUTH" in _known_env_names(), "Flower reads its options from FLOWER_* variables"
+
+
+def test_flower_lists_the_arguments_retries_and_errors_of_each_event_as_the_cli_does() -> None:
+    assert OUR_SERVICES["flower"]["environment"]["FLOWER_TASKS_COLUMNS"] == FLOWER_TASKS_COLUMNS
+    assert {"args", "kwargs", "retries", "exception"} <= set(FLOWER_TASKS_COLUMNS.split(","))
 
 
 def test_dockerfile_copies_files_that_exist_and_installs_extras_that_exist() -> None:
