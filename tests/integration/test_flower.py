@@ -6,6 +6,8 @@ Both run with the exact commands of docker-compose.yml (Flower on a free port, o
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -140,3 +142,20 @@ def test_flower_lists_each_event_and_listener_task_with_args_retries_and_failure
     assert status == 200
     assert info["name"] == "events.user_created"
     assert http_get(f"{flower}/api/task/info/{created}")[0] == 401
+
+    # docker-compose.yml's healthchecks of the worker and Flower pass against these processes.
+    for service in ("worker", "flower"):
+        check = _healthcheck(service, flower_port=int(flower.rsplit(":", 1)[1]))
+        assert check.returncode == 0, f"{service} healthcheck failed: {check.stdout}{check.stderr}"
+
+
+def _healthcheck(service: str, flower_port: int) -> subprocess.CompletedProcess[str]:
+    """Run the service's compose healthcheck here ($$ is compose's escaped $; python is this venv's)."""
+    kind, *command = COMPOSE[service]["healthcheck"]["test"]
+    if kind == "CMD-SHELL":
+        argv = ["sh", "-c", command[0].replace("$$", "$").replace("celery ", f"{sys.executable} -m celery ", 1)]
+    else:
+        argv = [sys.executable if command[0] == "python" else command[0], *command[1:]]
+    argv = [arg.replace("127.0.0.1:5555", f"127.0.0.1:{flower_port}") for arg in argv]
+    env = {**os.environ, "HOSTNAME": socket.gethostname()}
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)

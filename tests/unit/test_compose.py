@@ -120,3 +120,15 @@ def test_dockerfile_copies_files_that_exist_and_installs_extras_that_exist() -> 
         assert re.search(rf"^{extra} = \[", pyproject, re.MULTILINE), f"pyproject.toml has no extra {extra!r}"
     cmd = json.loads(dockerfile.split("\nCMD ", 1)[1].splitlines()[0])
     assert cmd == OUR_SERVICES["web"]["command"]
+
+
+def test_the_web_healthcheck_asks_for_a_page_the_demo_app_serves() -> None:
+    from litestar.testing import TestClient
+
+    from demo.app import app
+
+    check = " ".join(OUR_SERVICES["web"]["healthcheck"]["test"])
+    match = re.search(r"http://127\.0\.0\.1:8000(?P<path>/[^'\s]*)", check)
+    assert match, check
+    response = TestClient(app).get(match["path"])  # no lifespan: nothing is emitted
+    assert response.status_code == 200
