@@ -14,6 +14,7 @@ Every log record a worker writes while it runs an event (ours and the listeners'
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -102,8 +103,13 @@ class EventLogContext(logging.Filter):
         return True
 
 
+@functools.cache
+def _otel_for_logs() -> tuple[Any, Any, Any] | None:
+    return _otel()
+
+
 def _current_trace_ids() -> tuple[str | None, str | None]:
-    otel = _otel()
+    otel = _otel_for_logs()  # looked up once: this runs for every log record
     if otel is None:
         return None, None
     span_context = otel[0].get_current_span().get_span_context()
