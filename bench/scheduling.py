@@ -1,8 +1,9 @@
 """Delayed events at scale: store memory per event, worker RSS idle vs 100,000 scheduled, due->start latency.
 
-``python -m bench.scheduling [--events 100000] [--latency-events 200] [--compare-eta 0]`` prints JSON;
-the bench runner calls ``run(results)``. A private redis-server and a real ``celery -A worker
-worker`` (prefork, 2 children) on this module's app:
+``python -m bench.scheduling [--events N] [--latency-events N] [--compare-eta N] [--broker redis]``
+prints JSON; the bench runner calls ``run(results)``. ``--broker amqp|embedded`` measures the ETA
+fallback instead (RabbitMQ on 127.0.0.1:5672; no Redis-store figures then). A private
+redis-server and a real ``celery -A worker worker`` (prefork, 2 children) on this module's app:
 
 1. worker RSS (main + children) idle;
 2. ``emit_later`` of N events one hour ahead: Redis ``used_memory`` delta and ``MEMORY USAGE`` of the
@@ -34,7 +35,8 @@ from litestar_celery_events.schedule_store import redis_keys
 
 __all__ = ("create_app", "run")
 
-QUEUE = "bench-sched"
+QUEUE = os.environ.get("BENCH_SCHED_QUEUE", "bench-sched")
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 LATENCY_KEY = "bench:sched:latency"
 _client: list[redis.Redis] = []
 
@@ -58,7 +60,7 @@ def on_later(n: int, **kwargs: Any) -> None:
 
 def create_app() -> Litestar:
     config = CeleryEventsConfig(
-        broker_url=os.environ["BENCH_REDIS_URL"],
+        broker_url=os.environ["BENCH_BROKER_URL"],
         default_queue=QUEUE,
         data_dir=os.environ.get("CELERY_EVENTS_DATA_DIR"),
         max_buffered_events=200_000,
@@ -96,19 +98,28 @@ def _schedule(app: Litestar, count: int, delay_s: float) -> float:
     return time.perf_counter() - started
 
 
-def run(results: dict[str, Any], events: int = 100_000, latency_events: int = 200, compare_eta: int = 0) -> None:
-    """Measure and put the figures under ``results["scheduling"]``."""
-    out: dict[str, Any] = {"events": events}
+def run(
+    results: dict[str, Any],
+    events: int = 100_000,
+    latency_events: int = 200,
+    compare_eta: int = 0,
+    broker: str = "redis",
+) -> None:
+    """Measure; the figures go to ``results["scheduling"]`` (``results["scheduling_<broker>"]`` for others)."""
+    global QUEUE
+    out: dict[str, Any] = {"broker": broker, "events": events}
     with RedisServer() as server, tempfile.TemporaryDirectory(prefix="bench-sched-") as tmp:
+        broker_url = {"redis": server.url, "amqp": AMQP_URL, "embedded": "filesystem://"}[broker]
+        QUEUE = f"bench-sched-{os.getpid()}" if broker == "amqp" else "bench-sched"
         env = {
             "BENCH_REDIS_URL": server.url,
-            "CELERY_BROKER_URL": server.url,
+            "BENCH_BROKER_URL": broker_url,
+            "BENCH_SCHED_QUEUE": QUEUE,
+            "CELERY_BROKER_URL": broker_url,
             "LITESTAR_APP": "bench.scheduling:create_app",
             "CELERY_EVENTS_DATA_DIR": tmp,
         }
         os.environ.update(env)
-        admin = server.client()
-        zset, messages, _, _ = redis_keys()
         worker = CeleryWorker(
             "worker",
             ["--loglevel", "INFO", "--concurrency", "2", "--queues", QUEUE, "--without-gossip", "--without-mingle"],
@@ -123,55 +134,90 @@ def run(results: dict[str, Any], events: int = 100_000, latency_events: int = 20
             worker.wait_ready()
             time.sleep(3)
             out["worker_rss_idle_mib"] = worker_rss_mib(worker.proc.pid)
-            used_before = int(admin.info("memory")["used_memory"])
-
-            started = time.perf_counter()
-            out["emit_later_seconds"] = round(_schedule(app, events, 3600), 2)
-            wait_for(lambda: admin.zcard(zset) >= events, 120, "the store to hold every scheduled event", 0.1)
-            out["in_store_after_seconds"] = round(time.perf_counter() - started, 2)
-            used_after = int(admin.info("memory")["used_memory"])
-            store_bytes = int(admin.memory_usage(zset, samples=0) or 0) + int(
-                admin.memory_usage(messages, samples=0) or 0
-            )
-            out["redis_used_memory_delta_mib"] = round((used_after - used_before) / 2**20, 1)
-            out["bytes_per_event_used_memory"] = round((used_after - used_before) / events)
-            out["bytes_per_event_memory_usage"] = round(store_bytes / events)
-            sample = admin.hrandfield(messages)
-            out["stored_message_bytes"] = len(admin.hget(messages, sample) or b"") if sample else 0
-            time.sleep(10)  # an ETA design would be prefetching by now
-            out["worker_rss_with_scheduled_mib"] = worker_rss_mib(worker.proc.pid)
-            out["worker_rss_delta_mib"] = round(out["worker_rss_with_scheduled_mib"] - out["worker_rss_idle_mib"], 1)
-            out["queue_length_while_undue"] = int(admin.llen(QUEUE))
-
-            # Light load: one event due every 50 ms, scheduled 2 s ahead; the listener records start - due.
-            admin.delete(LATENCY_KEY)
-            first_due = time.time() + 2.0
-            for i in range(latency_events):
-                due = first_due + i * 0.05
-                emit_later(app, "bench_due", due=due, delay=due - time.time())
-            wait_for(
-                lambda: admin.llen(LATENCY_KEY) >= latency_events,
-                first_due - time.time() + latency_events * 0.05 + 30,
-                "the latency events",
-                0.2,
-            )
-            lateness = [float(x) * 1000 for x in admin.lrange(LATENCY_KEY, 0, -1)]
-            out["due_to_start_ms"] = {
-                "median": round(statistics.median(lateness), 1),
-                "p90": round(percentile(lateness, 90), 1),
-                "p99": round(percentile(lateness, 99), 1),
-                "min": round(min(lateness), 1),
-                "max": round(max(lateness), 1),
-                "n": len(lateness),
-                "early": sum(1 for x in lateness if x < 0),
-            }
-
+            if broker == "redis":
+                _scheduled_in_store(app, server.client(), worker, out)
+            else:
+                started = time.perf_counter()
+                out["emit_later_seconds"] = round(_schedule(app, events, 3600), 2)
+                wait_for(lambda: emitter.publisher.pending == 0, 300, "the publisher to send every event", 0.1)
+                out["published_after_seconds"] = round(time.perf_counter() - started, 2)
+                _settle_rss(worker, out)
+            out["due_to_start_ms"] = _latency(app, server.client(), latency_events)
             if compare_eta:
                 out["celery_eta_comparison"] = _compare_eta(worker, compare_eta)
         finally:
             emitter.stop()
             worker.stop()
-    results["scheduling"] = out
+            if broker == "amqp":
+                _delete_amqp_queue(QUEUE)
+    results["scheduling" if broker == "redis" else f"scheduling_{broker}"] = out
+
+
+def _scheduled_in_store(app: Litestar, admin: redis.Redis, worker: CeleryWorker, out: dict[str, Any]) -> None:
+    """Redis: N events an hour ahead; store memory per event, and the worker's RSS (unchanged)."""
+    events = out["events"]
+    zset, messages, _, _ = redis_keys()
+    used_before = int(admin.info("memory")["used_memory"])
+    started = time.perf_counter()
+    out["emit_later_seconds"] = round(_schedule(app, events, 3600), 2)
+    wait_for(lambda: admin.zcard(zset) >= events, 120, "the store to hold every scheduled event", 0.1)
+    out["in_store_after_seconds"] = round(time.perf_counter() - started, 2)
+    used_after = int(admin.info("memory")["used_memory"])
+    store_bytes = sum(int(admin.memory_usage(key, samples=0) or 0) for key in (zset, messages))
+    out["redis_used_memory_delta_mib"] = round((used_after - used_before) / 2**20, 1)
+    out["bytes_per_event_used_memory"] = round((used_after - used_before) / events)
+    out["bytes_per_event_memory_usage"] = round(store_bytes / events)
+    sample = admin.hrandfield(messages)
+    out["stored_message_bytes"] = len(admin.hget(messages, sample) or b"") if sample else 0
+    time.sleep(10)  # an ETA design would be prefetching by now
+    out["worker_rss_with_scheduled_mib"] = worker_rss_mib(worker.proc.pid)
+    out["worker_rss_delta_mib"] = round(out["worker_rss_with_scheduled_mib"] - out["worker_rss_idle_mib"], 1)
+    out["queue_length_while_undue"] = int(admin.llen(QUEUE))
+
+
+def _latency(app: Litestar, admin: redis.Redis, count: int) -> dict[str, Any]:
+    """Light load: one event due every 50 ms, scheduled 2 s ahead; the listener records start - due."""
+    admin.delete(LATENCY_KEY)
+    first_due = time.time() + 2.0
+    for i in range(count):
+        due = first_due + i * 0.05
+        emit_later(app, "bench_due", due=due, delay=due - time.time())
+    deadline = time.monotonic() + 2.0 + count * 0.05 + 60
+    while admin.llen(LATENCY_KEY) < count and time.monotonic() < deadline:
+        time.sleep(0.2)
+    lateness = [float(x) * 1000 for x in admin.lrange(LATENCY_KEY, 0, -1)]
+    if not lateness:
+        return {"n": 0, "missing": count}
+    return {
+        "missing": count - len(lateness),
+        "median": round(statistics.median(lateness), 1),
+        "p90": round(percentile(lateness, 90), 1),
+        "p99": round(percentile(lateness, 99), 1),
+        "min": round(min(lateness), 1),
+        "max": round(max(lateness), 1),
+        "n": len(lateness),
+        "early": sum(1 for x in lateness if x < 0),
+    }
+
+
+def _settle_rss(worker: CeleryWorker, out: dict[str, Any]) -> None:
+    """ETA fallback: the worker prefetches every delayed event; wait until its RSS stops growing."""
+    started = time.perf_counter()
+    previous, rss = -1.0, worker_rss_mib(worker.proc.pid)
+    while rss - previous > 1.0 and time.perf_counter() - started < 300:
+        time.sleep(5)
+        previous, rss = rss, worker_rss_mib(worker.proc.pid)
+    out["worker_rss_with_scheduled_mib"] = rss
+    out["worker_rss_delta_mib"] = round(rss - out["worker_rss_idle_mib"], 1)
+    out["kib_per_scheduled_event_in_worker"] = round(out["worker_rss_delta_mib"] * 1024 / out["events"], 2)
+    out["worker_settled_after_seconds"] = round(time.perf_counter() - started, 1)
+
+
+def _delete_amqp_queue(name: str) -> None:
+    from kombu import Connection
+
+    with Connection(AMQP_URL) as connection:
+        connection.default_channel.queue_delete(name)
 
 
 def _compare_eta(worker: CeleryWorker, count: int) -> dict[str, Any]:
@@ -204,9 +250,10 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--latency-events", type=int, default=200)
     parser.add_argument("--compare-eta", type=int, default=0, help="also measure N plain Celery ETA tasks")
+    parser.add_argument("--broker", choices=["redis", "amqp", "embedded"], default="redis")
     options = parser.parse_args()
     results: dict[str, Any] = {"machine": machine(), "versions": versions()}
-    run(results, options.events, options.latency_events, options.compare_eta)
+    run(results, options.events, options.latency_events, options.compare_eta, options.broker)
     json.dump(results, sys.stdout, indent=2)
     print()
     return 0

@@ -48,6 +48,7 @@ PAST_TOLERANCE_S = 1.0
 CLOCK_MARGIN_S = 1.0
 """Movers on other hosts may run this far ahead of this host's clock."""
 MAX_REMEMBERED_IDS = 100_000
+BROADCAST_SCHEMES = ("amqp://", "amqps://", "pyamqp://", "librabbitmq://")
 
 
 class ScheduleError(ValueError):
@@ -235,5 +236,11 @@ def cancel_scheduled(app: Litestar, emission_id: str) -> bool:
     state = _scheduled_of(emitter)
     removed = state.store.cancel(emission_id)
     not_due_here = state.forget_if_not_due(emission_id)
-    # Redis: the publisher may not have written it yet; the tombstone the cancel left stops that write.
-    return removed or (not_due_here and isinstance(state.store, RedisScheduleStore))
+    if isinstance(state.store, RedisScheduleStore):
+        # The publisher may not have written it yet: the tombstone the cancel left stops that write.
+        return removed or not_due_here
+    if removed and str(emitter.celery_app.conf.broker_url).startswith(BROADCAST_SCHEMES):
+        # Workers on other hosts do not see this data_dir: Celery's revoke reaches them (kept in
+        # their memory, or in the file of ``celery worker --statedb``).
+        emitter.celery_app.control.revoke(emission_id)
+    return removed
