@@ -56,7 +56,10 @@ def build_celery_app(config: CeleryEventsConfig, main: str = "litestar_celery_ev
         settings["worker_enable_remote_control"] = False
     if config.default_queue:
         settings["task_default_queue"] = config.default_queue
+    embedded_options = settings.get("broker_transport_options", {})
     settings.update(config.celery_config)
+    if embedded_options:  # the embedded broker's folders stay, whatever else celery_config sets
+        settings["broker_transport_options"] = {**embedded_options, **settings["broker_transport_options"]}
     redis = config.resolved_broker_url.startswith(("redis://", "rediss://"))
     if redis and "broker_transport_options" not in settings and not app.conf.broker_transport_options:
         settings["broker_transport_options"] = dict(REDIS_TRANSPORT_DEFAULTS)  # yours, if any, are kept as they are

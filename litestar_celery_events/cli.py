@@ -138,8 +138,12 @@ def flower_command(env: LitestarEnv, no_auth: bool, flower_args: tuple[str, ...]
     _exec_celery(env, "flower", flower_args)
 
 
+STATUS_TIMEOUT_S = 2.0
+"""``events status`` answers within about this long even when the broker hangs."""
+
+
 def _failed_summary(config: CeleryEventsConfig) -> dict[str, Any]:
-    store = failed_store_for(config)
+    store = failed_store_for(config, timeout_s=STATUS_TIMEOUT_S)
     try:
         return {"store": store.location, "count": store.count()}
     except Exception as exc:  # noqa: BLE001 - status must print even when the store is unreachable

@@ -49,6 +49,8 @@ __all__ = (
 REDIS_SCHEMES = ("redis://", "rediss://")
 SQLITE_FILE = "failed.sqlite3"
 SQLITE_BUSY_TIMEOUT_S = 30.0
+DEFAULT_TIMEOUT_S = 10.0
+"""Redis store: socket timeout of each call."""
 
 
 def record_id(emission_id: str, listener: str) -> str:
@@ -104,8 +106,9 @@ class FailedStore(Protocol):
 class RedisFailedStore:
     """Records in the broker's Redis: a hash of JSON records and a sorted index by failure time."""
 
-    def __init__(self, url: str, namespace: str) -> None:
+    def __init__(self, url: str, namespace: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self._url = url
+        self._timeout_s = timeout_s
         self.location = f"{redact_url(url)} key {namespace}"
         self._hash = namespace
         self._index = f"{namespace}:index"
@@ -116,7 +119,8 @@ class RedisFailedStore:
         if self._client is None or self._pid != os.getpid():  # never share a socket with a forked parent
             import redis
 
-            self._client = redis.Redis.from_url(self._url, socket_timeout=10, socket_connect_timeout=10)
+            timeout = self._timeout_s
+            self._client = redis.Redis.from_url(self._url, socket_timeout=timeout, socket_connect_timeout=timeout)
             self._pid = os.getpid()
         return self._client
 
@@ -230,7 +234,9 @@ class SqliteFailedStore:
         self._connection = None
 
 
-def failed_store_for(config: CeleryEventsConfig, broker_url: str | None = None) -> FailedStore:
+def failed_store_for(
+    config: CeleryEventsConfig, broker_url: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> FailedStore:
     """The store for ``config``: ``failed_store_url`` if set, else the broker's Redis, else SQLite."""
     url = config.failed_store_url or broker_url or config.resolved_broker_url
     if url.startswith(REDIS_SCHEMES):
@@ -238,7 +244,7 @@ def failed_store_for(config: CeleryEventsConfig, broker_url: str | None = None) 
         if not config.failed_store_url and config.celery_config:
             options = config.celery_config.get("broker_transport_options") or {}
             prefix = str(options.get("global_keyprefix", ""))
-        return RedisFailedStore(url, f"{prefix}{config.task_name_prefix}:failed")
+        return RedisFailedStore(url, f"{prefix}{config.task_name_prefix}:failed", timeout_s)
     if url.startswith("sqlite:///"):
         return SqliteFailedStore(Path(url.removeprefix("sqlite:///")))
     return SqliteFailedStore(config.resolved_data_dir / SQLITE_FILE)

@@ -31,6 +31,9 @@ __all__ = ("Publisher",)
 logger = logging.getLogger("litestar_celery_events.publisher")
 
 IDLE_WAIT_S = 0.5
+SPOOL_WHEN_STALLED_S = 1.0
+"""With the spool on: a publish waiting this long for the broker (one that hangs rather than
+refuses) sends new events, and the batch it holds, to the spool instead of memory."""
 MAX_RECONNECT_DELAY_S = 2.0
 
 
@@ -59,6 +62,9 @@ class Publisher:
 
             self.spool = Spool(config)
         self._spool_after = config.spool_after_events
+        self._watched: list[Emission] | None = None
+        self._watched_since = 0.0
+        self._spooled_in_flight: set[str] = set()
 
     @property
     def pending(self) -> int:
@@ -97,6 +103,10 @@ class Publisher:
                 self._wakeup.set()
             return
         buffer = self._buffer
+        if spool is not None and self._in_flight and len(buffer) >= self._spool_after and self._publish_stalled():
+            self._spill_stalled(spool)
+            spool.put_or_raise(emission)
+            return
         if len(buffer) >= self._config.max_buffered_events:
             if spool is not None:
                 spool.spill(buffer)
@@ -213,9 +223,32 @@ class Publisher:
             self.published += len(batch)
             self._in_flight = []
 
+    def _publish_stalled(self) -> bool:
+        """True once the same batch has been in flight for ``SPOOL_WHEN_STALLED_S`` (seen from ``emit``)."""
+        in_flight, now = self._in_flight, time.monotonic()
+        if in_flight is not self._watched:
+            self._watched, self._watched_since = in_flight, now
+            return False
+        return now - self._watched_since >= SPOOL_WHEN_STALLED_S
+
+    def _spill_stalled(self, spool: Spool) -> None:
+        """The broker hangs: put the batch in flight and the buffer on disk (the caller's thread)."""
+        in_flight = list(self._in_flight)
+        self._spooled_in_flight = {e.emission_id for e in in_flight}
+        spool.put(in_flight)  # if that publish still succeeds, these go out twice: at-least-once
+        spool.spill(self._buffer)
+        logger.warning(
+            "a publish to %s has waited %.1fs: %d event(s) now wait in the spool",
+            self._broker,
+            time.monotonic() - self._watched_since,
+            spool.depth,
+        )
+
     def _publish_from_spool(self, spool: Spool, failures: int) -> int:
         """One round while events wait on disk: spill memory to disk, publish the oldest batch."""
-        spool.spill(self._buffer)  # keeps the order: whatever is in memory is newer than the spool
+        # Memory holds newer events than the spool, or a failed batch already spooled when it stalled.
+        spool.spill(self._buffer, skip=self._spooled_in_flight)
+        self._spooled_in_flight = set()
         source, rows = spool.oldest(self._config.publish_batch_size)
         if source is None:
             return failures

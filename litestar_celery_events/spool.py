@@ -29,7 +29,7 @@ from litestar_celery_events.message import Emission
 
 if TYPE_CHECKING:
     from collections import deque
-    from collections.abc import Iterable
+    from collections.abc import Collection, Iterable
 
     from litestar_celery_events.config import CeleryEventsConfig
 
@@ -224,13 +224,18 @@ class Spool:
             self.active = True
             return refused
 
-    def spill(self, buffer: deque[Emission]) -> int:
-        """Move everything in the memory ``buffer`` to disk (what does not fit stays in memory)."""
+    def spill(self, buffer: deque[Emission], skip: Collection[str] = ()) -> int:
+        """Move everything in the memory ``buffer`` to disk (what does not fit stays in memory).
+
+        Emissions whose id is in ``skip`` are already on disk: they are dropped from memory.
+        """
         if not buffer:
             return 0
         with self._lock:
             was_active = self.active
             moving = [buffer.popleft() for _ in range(len(buffer))]
+            if skip:
+                moving = [e for e in moving if e.emission_id not in skip]
             refused = self.put(moving)
             buffer.extendleft(reversed(refused))
             if not was_active:

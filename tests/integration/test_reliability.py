@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -226,18 +227,20 @@ def dead_broker_port(tmp_path: Path) -> Iterator[tuple[int, Any]]:
 
 
 WEB_PROCESS = """
-import os, signal, sys
+import os, signal, sys, time
 sys.path.insert(0, {root!r})
 from litestar.testing import TestClient
 from tests.apps.reliability import create_app
-from tests.helpers import wait_for
 
 app = create_app()
 with TestClient(app):
     publisher = app.event_emitter.publisher
-    app.emit("echo", n=0)
-    wait_for(lambda: publisher.spooled == 1, timeout=30, what="the outage to be noticed")
-    for n in range(1, {count}):
+    n, deadline = 0, time.monotonic() + 30
+    while publisher.spooled == 0 and time.monotonic() < deadline:  # until the outage is noticed
+        app.emit("echo", n=n)
+        n += 1
+        time.sleep(0.02)
+    for n in range(n, {count}):
         app.emit("echo", n=n)
     print("emitted", publisher.spooled, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -245,10 +248,19 @@ with TestClient(app):
 
 
 @pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
-def test_a_web_process_killed_during_an_outage_loses_no_spooled_event(
-    env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dead_broker_port: tuple[int, Any]
+@pytest.mark.parametrize("outage", ["refuses", "hangs"])
+def test_a_web_process_killed_during_an_outage_loses_no_event(
+    env: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    dead_broker_port: tuple[int, Any],
+    outage: str,
 ) -> None:
     port, start_broker = dead_broker_port
+    blackhole = socket.socket()
+    if outage == "hangs":  # connections are accepted by the kernel and never answered
+        blackhole.bind(("127.0.0.1", port))
+        blackhole.listen(16)
     monkeypatch.setenv("CELERY_BROKER_URL", f"redis://127.0.0.1:{port}/0")
     monkeypatch.setenv("SPOOL", "1")
     count = 300
@@ -265,6 +277,7 @@ def test_a_web_process_killed_during_an_outage_loses_no_spooled_event(
     assert f"emitted {count}" in web.stdout
     assert f"spooled events (waiting for the broker): {count}" in _cli("status")
 
+    blackhole.close()
     start_broker()
     records = Path(env["RECORD_FILE"])
     worker_env = {**env, "CELERY_BROKER_URL": f"redis://127.0.0.1:{port}/0"}

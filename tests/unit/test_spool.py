@@ -6,6 +6,8 @@ import logging
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -56,7 +58,7 @@ def test_events_go_to_disk_during_an_outage_and_out_oldest_first_when_the_broker
     transport.down.clear()
     wait_for(lambda: len(transport.sent) == 200, what="the spool to drain")
     assert transport.sent == [f"id-{n}" for n in range(200)]
-    assert publisher.spooled == 0
+    wait_for(lambda: publisher.spooled == 0, what="the published rows to leave the spool")
     publisher.submit(_emission(200))  # back to the memory path
     wait_for(lambda: len(transport.sent) == 201, what="a live event")
     assert publisher.stop() == 0
@@ -207,3 +209,39 @@ def test_redis_brokers_sweep_for_a_dead_workers_unacked_messages_on_every_tick()
     own = {"broker_transport_options": {"visibility_timeout": 60}}
     kept = build_celery_app(CeleryEventsConfig(broker_url="redis://localhost:6379/0", celery_config=own))
     assert kept.conf.broker_transport_options == {"visibility_timeout": 60}
+
+
+class HangingTransport(ScriptedTransport):
+    """A broker that accepts the connection and never answers, until ``release``; then it refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.hung = threading.Event()
+
+    def publish(self, batch: list[Emission], done: list[int]) -> None:
+        if not self.release.is_set():
+            self.hung.set()
+            self.release.wait(30)
+            raise TimeoutError("redis://user:hunter2@broker:6379 timed out")
+        super().publish(batch, done)
+
+
+def test_a_broker_that_hangs_sends_new_events_and_the_stalled_batch_to_the_spool(tmp_path: Path) -> None:
+    transport = HangingTransport()
+    publisher = _publisher(transport, _config(tmp_path))
+    publisher.start()
+    publisher.submit(_emission(0))
+    wait_for(transport.hung.is_set, what="the publish to hang")
+    n = 1
+    deadline = time.monotonic() + 10
+    while publisher.spooled == 0 and time.monotonic() < deadline:
+        publisher.submit(_emission(n))
+        n += 1
+        time.sleep(0.05)
+    assert publisher.spooled == n, "the batch in flight and every event since are on disk"
+    transport.release.set()
+    wait_for(lambda: len(transport.sent) == n, what="everything to go out once the broker answers")
+    time.sleep(0.2)
+    assert sorted(transport.sent) == sorted(f"id-{i}" for i in range(n)), "each event exactly once"
+    publisher.stop()
