@@ -43,6 +43,8 @@ ROUTED_TASK_OPTIONS = frozenset({"queue", "rate_limit", "time_limit", "soft_time
 """Options that only a task of its own can honour: such a listener runs as a separate task."""
 CELERY_TASK_OPTIONS = RETRY_TASK_OPTIONS | ROUTED_TASK_OPTIONS | {"acks_late", "reject_on_worker_lost"}
 MAX_EVENT_ID_LENGTH = 200
+MAX_REMEMBERED_SHAPES = 4096
+"""Argument shapes (event, positional count, keyword names) known to fit, kept by ``check_arguments``."""
 
 
 def validate_event_id(event_id: object) -> str:
@@ -176,6 +178,7 @@ class ListenerRegistry:
     """Declared events (``declare_event``): checked at ``emit``, never run."""
     payloads: dict[str, EventPayload] = field(default_factory=dict)
     """Only events with typed parameters (listeners' or declared): emit converts just those."""
+    _fitting_shapes: set[tuple[Any, ...]] = field(default_factory=set, repr=False, compare=False)
 
     @classmethod
     def build(cls, listeners: Iterable[EventListener], config: CeleryEventsConfig) -> ListenerRegistry:
@@ -247,10 +250,19 @@ class ListenerRegistry:
     def check_arguments(
         self, event_id: str, specs: Iterable[ListenerSpec], args: tuple[Any, ...], kwargs: Mapping[str, Any]
     ) -> None:
+        """Raise ``ListenerSignatureError`` unless every spec (the event's own) accepts the arguments."""
+        # Only the number of positional arguments and the keyword names matter: remember the shapes
+        # that fit, so a call site that emits the same shape again costs one set lookup.
+        shape = (event_id, len(args), *kwargs)
+        if shape in self._fitting_shapes:
+            return
         for spec in specs:
             problem = spec.check.problem(args, kwargs)
             if problem is not None:
                 raise ListenerSignatureError(f"cannot emit event {event_id!r}: listener {spec.name} {problem}")
+        if len(self._fitting_shapes) >= MAX_REMEMBERED_SHAPES:
+            self._fitting_shapes.clear()
+        self._fitting_shapes.add(shape)
 
     def warn_incompatible(self) -> None:
         """Warn when one listener names an argument another listener of the same event cannot take."""

@@ -8,9 +8,11 @@ and Flower read it. Our own metadata rides in extra message headers (``EVENT_HEA
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,7 @@ __all__ = (
     "Emission",
     "encode_body",
     "new_emission_id",
+    "short_repr",
     "task_headers",
 )
 
@@ -53,10 +56,28 @@ class _StrictEncoder(JSONEncoder):  # type: ignore[misc]  # kombu is untyped her
 _encoder = _StrictEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
+def _make_encode() -> Callable[[Any], str]:
+    """``_encoder.encode`` without its per-call Python overhead: the C encoder, built per call (cheap,
+    and a fresh circular-reference memo keeps it thread-safe); same output, about 2x faster."""
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if c_make_encoder is None:  # an interpreter without the C accelerator
+        return _encoder.encode  # type: ignore[no-any-return]
+    default = _encoder.default
+    encode_str = json.encoder.encode_basestring
+
+    def encode(value: Any) -> str:
+        return "".join(c_make_encoder({}, default, encode_str, None, ":", ",", False, False, True)(value, 0))
+
+    return encode
+
+
+_encode = _make_encode()
+
+
 def encode_body(event_id: str, args: tuple[Any, ...], kwargs: dict[str, Any], max_bytes: int) -> bytes:
     """Encode ``[args, kwargs, embed]`` (Celery's protocol v2 body) or raise at the call site."""
     try:
-        body: bytes = ("[" + _encoder.encode(args) + "," + _encoder.encode(kwargs) + _EMBED).encode()
+        body: bytes = (_encode((args, kwargs))[:-1] + _EMBED).encode()
     except EventPayloadError as exc:
         raise EventPayloadError(
             f"cannot emit event {event_id!r}: {exc} is not JSON-serialisable "
@@ -73,17 +94,22 @@ def encode_body(event_id: str, args: tuple[Any, ...], kwargs: dict[str, Any], ma
 
 
 _id_prefix = ""
-_id_pid = -1
 _id_counter = itertools.count()
 
 
+def _new_id_prefix() -> None:
+    global _id_prefix, _id_counter
+    _id_prefix = str(uuid.uuid4())[:24]
+    _id_counter = itertools.count()
+
+
+_new_id_prefix()
+if hasattr(os, "register_at_fork"):  # a forked child must not repeat its parent's ids
+    os.register_at_fork(after_in_child=_new_id_prefix)
+
+
 def new_emission_id() -> str:
-    """A UUID-shaped id: a random per-process prefix plus a counter (unique, ~0.3 µs, no syscall)."""
-    global _id_prefix, _id_pid, _id_counter
-    if _id_pid != os.getpid():  # a forked child must not repeat its parent's ids
-        _id_prefix = str(uuid.uuid4())[:24]
-        _id_pid = os.getpid()
-        _id_counter = itertools.count()
+    """A UUID-shaped id: a random per-process prefix plus a counter (unique, ~0.2 µs, no syscall)."""
     return f"{_id_prefix}{next(_id_counter):012x}"
 
 
@@ -135,8 +161,8 @@ def task_headers(emission: Emission, origin: str) -> dict[str, Any]:
         "timelimit": [None, None],
         "root_id": emission.emission_id,
         "parent_id": None,
-        "argsrepr": _short_repr(emission.args),
-        "kwargsrepr": _short_repr(emission.kwargs),
+        "argsrepr": short_repr(emission.args),
+        "kwargsrepr": short_repr(emission.kwargs),
         "origin": origin,
         "ignore_result": True,
         "stamped_headers": None,
@@ -151,6 +177,7 @@ def task_headers(emission: Emission, origin: str) -> dict[str, Any]:
     return headers
 
 
-def _short_repr(value: Any, limit: int = 1024) -> str:
+def short_repr(value: Any, limit: int = 1024) -> str:
+    """``repr(value)`` cut to ``limit`` characters (Celery's ``argsrepr``/``kwargsrepr`` headers)."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from litestar_celery_events.message import CONTENT_ENCODING, CONTENT_TYPE, Emission, task_headers
+from litestar_celery_events.message import (
+    CONTENT_ENCODING,
+    CONTENT_TYPE,
+    EMITTED_AT_HEADER,
+    EVENT_HEADER,
+    Emission,
+    short_repr,
+    task_headers,
+)
 from litestar_celery_events.schedule_store import due_timestamp, stage_delayed
 from litestar_celery_events.transports.base import origin_nodename
 
@@ -27,8 +35,44 @@ REDIS_SCHEMES = ("redis://", "rediss://")
 SOCKET_TIMEOUT_S = 10.0
 
 
+_quote = json.encoder.encode_basestring_ascii
+# The envelope of an emission without extra headers, filled by %-formatting: the same JSON as
+# ``_generic_envelope`` (a unit test holds them equal) in a fifth of the time.
+_TEMPLATE = (
+    '{"body":"%s","content-encoding":' + _quote(CONTENT_ENCODING) + ',"content-type":' + _quote(CONTENT_TYPE) + ","
+    '"headers":{"lang":"py","task":%s,"id":%s,"shadow":null,"eta":%s,"expires":null,"group":null,'
+    '"group_index":null,"retries":%d,"timelimit":[null,null],"root_id":%s,"parent_id":null,"argsrepr":%s,'
+    '"kwargsrepr":%s,"origin":%s,"ignore_result":true,"stamped_headers":null,"stamps":{},'
+    '"' + EVENT_HEADER + '":%s,"' + EMITTED_AT_HEADER + '":%r},'
+    '"properties":{"correlation_id":%s,"reply_to":"","delivery_mode":2,'
+    '"delivery_info":{"exchange":"","routing_key":%s},"priority":0,"body_encoding":"base64","delivery_tag":%s}}'
+)
+
+
 def redis_envelope(emission: Emission, queue: str, origin: str, delivery_tag: str) -> str:
     """The JSON kombu's Redis transport stores for one Celery task message."""
+    if emission.listeners is not None or emission.extra_headers or type(emission.emitted_at) is not float:
+        return _generic_envelope(emission, queue, origin, delivery_tag)
+    quoted_id = _quote(emission.emission_id)
+    return _TEMPLATE % (
+        binascii.b2a_base64(emission.body, newline=False).decode(),
+        _quote(emission.task_name),
+        quoted_id,
+        "null" if emission.eta is None else _quote(emission.eta),
+        emission.retries,
+        quoted_id,
+        _quote(short_repr(emission.args)),
+        _quote(short_repr(emission.kwargs)),
+        _quote(origin),
+        _quote(emission.event_id),
+        emission.emitted_at,
+        quoted_id,
+        _quote(queue),
+        _quote(delivery_tag),
+    )
+
+
+def _generic_envelope(emission: Emission, queue: str, origin: str, delivery_tag: str) -> str:
     return json.dumps(
         {
             "body": binascii.b2a_base64(emission.body, newline=False).decode(),
@@ -75,6 +119,8 @@ class RedisTransport:
 
     def publish(self, batch: list[Emission], done: list[int]) -> None:
         pipe = self._redis().pipeline(transaction=False)
+        run_key = ""
+        run: list[str] = []
         for emission in batch:
             queue = emission.queue or self._default_queue
             self._sent += 1
@@ -90,7 +136,15 @@ class RedisTransport:
                     envelope,
                 )
                 continue
-            pipe.lpush(self.key_of(queue), redis_envelope(emission, queue, self._origin, tag))
+            key = self.key_of(queue)
+            if key != run_key:  # one LPUSH per run of messages to the same queue (kombu: one per message)
+                if run:
+                    pipe.lpush(run_key, *run)
+                run_key, run = key, []
+            run.append(redis_envelope(emission, queue, self._origin, tag))
+        if run:
+            # LPUSH k a b c == LPUSH k a; LPUSH k b; LPUSH k c: same order for the worker's BRPOP.
+            pipe.lpush(run_key, *run)
         pipe.execute()
         done[0] = len(batch)
 

@@ -1,0 +1,108 @@
+"""``python -m bench`` (``make bench``): every benchmark, side by side, into bench/results/.
+
+Writes ``bench/results/results.json`` (every figure, every repetition) and ``results.md`` (the
+table), and prints the table. ``--quick`` runs fewer and shorter repetitions; ``--only`` picks
+benchmarks by name. Everything runs on loopback against private servers and stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from bench.common import ROOT, RedisServer, machine, versions
+from bench.report import render
+
+__all__ = ("main",)
+
+RESULTS = ROOT / "bench" / "results"
+STEPS = ("emit_cost", "publish", "async_calls", "request_path", "stall", "e2e", "memory", "scheduling")
+
+
+def _scheduling() -> dict[str, Any]:
+    """The scheduling benchmark (bench/scheduling.py, its own engineer's) in a process of its own."""
+    code = "import json, sys; from bench.scheduling import run; r = {}; run(r); print(json.dumps(r))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=420, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"bench.scheduling exited with {out.returncode}: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter repetitions (a smoke run)")
+    parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(STEPS)}")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions of each side-by-side comparison")
+    args = parser.parse_args(argv)
+    steps = [s for s in args.only.split(",") if s] or list(STEPS)
+    reps = args.reps or (2 if args.quick else 5)
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "command": "make bench  (python -m bench" + (" " + " ".join(argv) if argv else "") + ")",
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "reps": reps,
+        "errors": {},
+    }
+    from bench import e2e, inprocess, memory, request_path
+
+    with RedisServer() as redis:
+        results["versions"] = versions(redis)
+        runs: dict[str, Callable[[], Any]] = {
+            "emit_cost": lambda: inprocess.emit_cost(redis, reps, calls=10_000 if args.quick else 20_000),
+            "publish": lambda: inprocess.publish_throughput(redis, max(2, reps - 2)),
+            "async_calls": lambda: inprocess.async_calls(reps),
+            "e2e": lambda: e2e.run_e2e(redis, max(2, reps - 2), n=2_000 if args.quick else 4_000),
+            "memory": memory.run_memory,
+            "scheduling": _scheduling,
+        }
+        web = [s for s in ("request_path", "stall") if s in steps]
+        for step in steps:
+            if step in web:
+                if step != web[0]:
+                    continue
+                with request_path.servers(redis.url) as ports:
+                    for name in web:
+                        _run(results, name, lambda name=name: _web(name, redis, ports, reps, args.quick))
+                continue
+            _run(results, step, runs[step])
+    results["machine_end"] = machine()
+    results["elapsed_s"] = round(time.perf_counter() - started, 1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "results.json").write_text(json.dumps(results, indent=1, sort_keys=False, default=str) + "\n")
+    table = render(results)
+    (RESULTS / "results.md").write_text(table)
+    print(table)
+    return 1 if results["errors"] else 0
+
+
+def _web(name: str, redis: RedisServer, ports: Any, reps: int, quick: bool) -> Any:
+    from bench import request_path
+
+    if name == "request_path":
+        return request_path.run_request_path(redis, ports, reps, duration=2.0 if quick else 2.5)
+    return request_path.run_stall(redis, ports)
+
+
+def _run(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> None:
+    print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        results[name] = fn()
+    except Exception:  # noqa: BLE001 - one broken benchmark must not lose the others' figures
+        results["errors"][name] = traceback.format_exc(limit=8)
+        print(results["errors"][name], file=sys.stderr)
+    print(f"[bench] {name} done in {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

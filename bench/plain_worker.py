@@ -1,0 +1,47 @@
+"""A plain Celery app, the baseline: ``celery -A bench.plain_worker worker``.
+
+Same broker and JSON-only settings as the events app; no-op tasks with Celery's defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from bench import worker_profiling
+from litestar_celery_events.celery_app import secure_defaults
+
+__all__ = ("app", "latency", "noop", "noop_asyncio_run")
+
+app = Celery("bench-plain", set_as_current=False)
+app.conf.update(secure_defaults(), broker_url=os.environ.get("BENCH_REDIS_URL", "memory://"))
+
+
+@app.task(name="bench.noop", ignore_result=True)
+def noop(*args: Any, **kwargs: Any) -> None:
+    pass
+
+
+async def _noop() -> None:
+    pass
+
+
+@app.task(name="bench.noop_asyncio_run", ignore_result=True)
+def noop_asyncio_run(*args: Any, **kwargs: Any) -> None:
+    """An async no-op listener run the naive way: a new event loop per task."""
+    asyncio.run(_noop())
+
+
+@app.task(name="bench.latency", ignore_result=True)
+def latency(t: float, **kwargs: Any) -> None:
+    started = time.time()
+    with open(Path(os.environ["BENCH_LATENCY_FILE"]), "a", encoding="ascii") as out:
+        out.write(f"{started - t:.6f}\n")
+
+
+worker_profiling.install()

@@ -1,0 +1,287 @@
+"""Renders ``results.json`` as the markdown table in ``bench/results/results.md``.
+
+``python -m bench.report`` re-renders the markdown from the JSON without re-running anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+__all__ = ("render",)
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float) and abs(value) >= 100:
+        return f"{value:,.0f}"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _s(summary: dict[str, Any] | None, digits: int = 2, unit: str = "") -> str:
+    """``median (min-max)`` of a summary."""
+    if not summary or summary.get("median") is None:
+        return "n/a"
+    med, lo, hi = (_num(summary[k], digits) for k in ("median", "min", "max"))
+    return f"{med}{unit} ({lo}-{hi})" if summary.get("n", 1) > 1 else f"{med}{unit}"
+
+
+def _get(results: dict[str, Any], *path: str) -> Any:
+    node: Any = results
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _met(value: Any, target: float, higher_is_better: bool = True) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    ok = value >= target if higher_is_better else value <= target
+    return "yes" if ok else "**no**"
+
+
+def _targets(r: dict[str, Any]) -> list[str]:  # noqa: PLR0915 - one row per target, in order
+    rows = ["| benchmark | measured: median (min-max) | target | met |", "| --- | --- | --- | --- |"]
+
+    def row(name: str, figure: str, target: str, met: str) -> None:
+        rows.append(f"| {name} | {figure} | {target} | {met} |")
+
+    rp = r.get("request_path")
+    if rp:
+        ratio = rp["ratio"]
+        row(
+            "Request path: req/s emitting ÷ not emitting",
+            _s(ratio.get("events")) + "x",
+            "≥ 0.95x",
+            _met(_get(ratio, "events", "median"), 0.95),
+        )
+        row(
+            "… same, by the server's CPU time per request",
+            _s(rp["cpu_ratio"].get("events")) + "x",
+            "(noise-robust)",
+            "",
+        )
+        row("… Litestar `SimpleEventEmitter` (baseline)", _s(ratio.get("simple")) + "x", "(anchor 0.94x)", "")
+        row("… `apply_async` in the handler (baseline)", _s(ratio.get("naive")) + "x", "(anchor 0.19x)", "")
+        row(
+            "… `apply_async` on a thread pool (baseline)",
+            _s(ratio.get("naive_pool")) + "x",
+            "(anchor ~1.0x, backlog)",
+            "",
+        )
+        emit = rp["emit_p50_us"]
+        row(
+            "`emit()` p50 inside the handler under load",
+            _s(emit.get("events"), unit=" µs"),
+            "≤ 5 µs",
+            _met(_get(emit, "events", "median"), 5.0, higher_is_better=False),
+        )
+        broker = rp["broker"].get("events", [])
+        if broker:
+            emitted = sum(b["emitted"] for b in broker)
+            in_broker = sum(b["in_broker"] for b in broker)
+            worst = max(b["after_s"] for b in broker)
+            row(
+                "… emitted events in the broker after the load",
+                f"{in_broker:,} of {emitted:,} (within {worst:.2f} s)",
+                "all, within seconds",
+                _met(in_broker, emitted),
+            )
+    ec = r.get("emit_cost")
+    if ec:
+        p50 = ec["p50_us"]
+        row(
+            "`emit()` p50 in-process (publisher running)",
+            _s(p50.get("events"), unit=" µs"),
+            "≤ 5 µs",
+            _met(_get(p50, "events", "median"), 5.0, higher_is_better=False),
+        )
+        row(
+            "… `SimpleEventEmitter.emit` / `apply_async` p50",
+            f"{_s(p50.get('simple'), unit=' µs')} / {_s(p50.get('apply_async'), unit=' µs')}",
+            "(baselines)",
+            "",
+        )
+    st = _get(r, "stall", "summary")
+    if st:
+        row(
+            "Broker stall 3 s: probe requests over 100 ms",
+            _num(st["probe_over_100ms"]) + f" (max {_num(st['probe_max_ms'], 1)} ms)",
+            "0",
+            _met(st["probe_over_100ms"], 0, higher_is_better=False),
+        )
+        row(
+            "… emitting route p99 paused ÷ unpaused",
+            f"{_num(st['emit_p99_ratio'])}x ({_num(st['emit_p99_paused_ms'], 1)}"
+            f" vs {_num(st['emit_p99_unpaused_ms'], 1)} ms)",
+            "≤ 2x",
+            _met(st["emit_p99_ratio"], 2.0, higher_is_better=False),
+        )
+        row(
+            "… every event delivered afterwards",
+            f"{_num(st['in_broker'])} of {_num(st['emitted'])}",
+            "all",
+            _met(st["in_broker"], st["emitted"]),
+        )
+        row(
+            "… `apply_async` in the handler, same stall",
+            f"probe over 100 ms: {_num(st['naive_probe_over_100ms'])}, max {_num(st['naive_probe_max_ms'], 0)} ms",
+            "(baseline)",
+            "",
+        )
+    pub = r.get("publish")
+    if pub:
+        row(
+            "Publish throughput, one process, ÷ `apply_async` loop",
+            f"{_s(pub['ratio'], 1)}x ({_s(pub['events_per_s'], 0)} vs {_s(pub['apply_async_per_s'], 0)} /s)",
+            "≥ 10x",
+            _met(_get(pub, "ratio", "median"), 10.0),
+        )
+    e2e = r.get("e2e")
+    if e2e:
+        rates = e2e["events_per_s"]
+        row(
+            "End to end, one worker (prefork -c 2), no-op listener ÷ plain Celery no-op task",
+            f"{_s(e2e['ratio_sync'])}x ({_s(rates['events_sync'], 0)} vs {_s(rates['plain_sync'], 0)} /s)",
+            "≥ 0.9x",
+            _met(_get(e2e, "ratio_sync", "median"), 0.9),
+        )
+        row(
+            "… async listener, persistent loop ÷ `asyncio.run()` per task",
+            f"{_s(e2e['ratio_async'])}x ({_s(rates['events_async'], 0)} vs {_s(rates['plain_asyncio_run'], 0)} /s)",
+            "≥ 1.2x",
+            _met(_get(e2e, "ratio_async", "median"), 1.2),
+        )
+        lat50, lat99 = e2e["latency_p50_ms"], e2e["latency_p99_ms"]
+        row(
+            "Latency emit → listener start at 200 events/s, p50",
+            _s(lat50.get("events"), unit=" ms"),
+            "≤ 5 ms",
+            _met(_get(lat50, "events", "median"), 5.0, higher_is_better=False),
+        )
+        row(
+            "… p99",
+            _s(lat99.get("events"), unit=" ms"),
+            "≤ 15 ms",
+            _met(_get(lat99, "events", "median"), 15.0, higher_is_better=False),
+        )
+        row(
+            "… plain `apply_async` → task start p50 / p99",
+            f"{_s(lat50.get('plain'), unit=' ms')} / {_s(lat99.get('plain'), unit=' ms')}",
+            "(baseline)",
+            "",
+        )
+    ac = r.get("async_calls")
+    if ac:
+        row(
+            "Async no-op call: persistent loop ÷ `asyncio.run()` (in-process)",
+            f"{_s(ac['speedup'], 1)}x "
+            f"({_s(ac['persistent_loop_us'], 1, ' µs')} vs {_s(ac['asyncio_run_us'], 1, ' µs')})",
+            "(detail)",
+            "",
+        )
+    mem = r.get("memory")
+    if mem:
+        for variant, label in (("memory", "in-memory buffer"), ("spool", "disk spool")):
+            m = mem.get(variant)
+            if m:
+                row(
+                    f"Web RSS, broker down 10 s at 1,000 events/s ({label})",
+                    f"+{_num(m['growth_mb'], 1)} MB ({_num(m['rss_before_outage_mb'], 1)} → "
+                    f"{_num(m['rss_peak_outage_mb'], 1)}) for {_num(m['max_waiting_events'])} waiting; "
+                    f"delivered {_num(m['in_broker'])}/{_num(m['emitted'])}",
+                    "flat",
+                    "",
+                )
+    sched = r.get("scheduling", {}).get("scheduling") if isinstance(r.get("scheduling"), dict) else None
+    if sched:
+        row(
+            "Worker RSS with 100,000 scheduled events (delta)",
+            f"{_num(sched.get('worker_rss_delta_mib'), 1)} MiB",
+            "unchanged",
+            "",
+        )
+        due = sched.get("due_to_start_ms") or {}
+        row("… due → start latency p50 / p99", f"{_num(due.get('median'), 1)} / {_num(due.get('p99'), 1)} ms", "", "")
+    return rows
+
+
+def _details(r: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    rp = r.get("request_path")
+    if rp:
+        out += [
+            "",
+            f"### Request path ({rp['connections']} connections, {rp['duration_s']} s per run, "
+            f"{rp['reps']} repetitions, order rotated)",
+            "",
+            "| variant | req/s | p50 ms | p99 ms | server CPU µs/request | emit() p50 µs |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for name in rp["rps"]:
+            out.append(
+                f"| {name} | {_s(rp['rps'][name], 0)} | {_s(rp['latency_p50_ms'][name], 1)} | "
+                f"{_s(rp['latency_p99_ms'][name], 1)} | {_s(rp['server_cpu_us_per_request'][name], 0)} | "
+                f"{_s(rp['emit_p50_us'].get(name), 1)} |"
+            )
+        pool = rp["broker"].get("naive_pool", [])
+        if pool:
+            out += [
+                "",
+                "Thread-pool variant: events still in the pool when the run ended (cancelled, never "
+                "published): " + ", ".join(_num(b["pool_backlog"]) for b in pool) + ".",
+            ]
+    e2e = r.get("e2e")
+    if e2e:
+        out += [
+            "",
+            f"### End to end ({e2e['measured']:,} of {e2e['messages']:,} pre-filled messages timed per run)",
+            "",
+            "| variant | events/s |",
+            "| --- | --- |",
+        ]
+        out += [f"| {name} | {_s(v, 0)} |" for name, v in e2e["events_per_s"].items()]
+    return out
+
+
+def render(results: dict[str, Any]) -> str:
+    m = results.get("machine", {})
+    end = results.get("machine_end", {})
+    v = results.get("versions", {})
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Command: `{results.get('command', 'make bench')}`; started {results.get('started_at')}, "
+        f"took {results.get('elapsed_s')} s; {results.get('reps')} repetitions per comparison.",
+        "",
+        f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB, {m.get('os')}, "
+        f"Python {m.get('python')}; load average {m.get('load_avg')} at the start, {end.get('load_avg')} at the end "
+        "(other work shares these cores: compare the ratios, not the absolute figures).",
+        "",
+        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        "",
+        "Every comparison runs side by side in the same run; ratios are per repetition, then the median "
+        "(min-max). Targets are goals from issue 6, measured, not timed tests.",
+        "",
+        *_targets(results),
+        *_details(results),
+    ]
+    errors = results.get("errors") or {}
+    if errors:
+        lines += ["", "### Errors", ""] + [
+            f"- {name}: `{err.strip().splitlines()[-1]}`" for name, err in errors.items()
+        ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    path = sys.argv[1] if len(sys.argv) > 1 else "bench/results/results.json"
+    with open(path, encoding="utf-8") as f:
+        print(render(json.load(f)))
