@@ -151,9 +151,20 @@ class _Scheduled:
     """Per emitter: the store, and the ids this process scheduled (so cancel is right before they are written)."""
 
     def __init__(self, emitter: CeleryEventEmitter) -> None:
-        self.store = schedule_store_for(emitter.celery_app, emitter.config.resolved_data_dir)
+        self._emitter = weakref.ref(emitter)  # a value of a WeakKeyDictionary keyed by the emitter
+        self._store: ScheduleStore | None = None
         self.due_by_id: dict[str, float] = {}
         self.lock = threading.Lock()
+
+    @property
+    def store(self) -> ScheduleStore:
+        """Made at the first cancel: ``emit_later`` itself never touches it (the SQLite one creates a file)."""
+        if self._store is None:
+            emitter = self._emitter()
+            if emitter is None:
+                raise RuntimeError("the event emitter is gone")
+            self._store = schedule_store_for(emitter.celery_app, emitter.config.resolved_data_dir)
+        return self._store
 
     def remember(self, emission_id: str, due: float) -> None:
         with self.lock:
