@@ -212,3 +212,46 @@ def test_periodic_events_refuse_a_celery_app_with_another_beat_scheduler(tmp_pat
     assert isinstance(default.event_emitter, CeleryEventEmitter)
     install_scheduling(default.event_emitter.celery_app, default.event_emitter)
     assert issubclass(default.event_emitter.celery_app.conf.beat_scheduler, EventScheduler)
+
+
+def test_beat_reads_crontabs_in_the_configured_timezone_and_resumes_from_the_last_claimed_tick(
+    tmp_path: Path,
+) -> None:
+    from litestar_celery_events.runtime.scheduler import install_scheduling
+
+    daily = PeriodicEvent("reminder", crontab(hour=7, minute=0), kwargs={"note": "good morning"})
+    config = CeleryEventsConfig(data_dir=str(tmp_path), timezone="Asia/Tokyo", periodic=[daily])
+    app = Litestar(listeners=[remind], plugins=[CeleryEventsPlugin(config)])
+    emitter = app.event_emitter
+    assert isinstance(emitter, CeleryEventEmitter)
+    install_scheduling(emitter.celery_app, emitter)
+    last = datetime(2030, 1, 1, 0, 0, tzinfo=timezone.utc).timestamp()  # 09:00 in Tokyo
+    SqliteScheduleStore(tmp_path / "scheduling.sqlite3").claim_tick(daily.key, last)
+
+    scheduler = emitter.celery_app.conf.beat_scheduler(app=emitter.celery_app)
+    entry = scheduler.schedule[daily.key]
+    assert entry.last_run_at.timestamp() == last
+    assert tick_slot(entry) == datetime(2030, 1, 1, 22, 0, tzinfo=timezone.utc).timestamp()  # 07:00 the next day
+
+
+def test_two_beats_on_the_embedded_broker_fire_a_tick_once(tmp_path: Path) -> None:
+    from litestar_celery_events.runtime.scheduler import install_scheduling
+
+    every_minute = PeriodicEvent("reminder", 60, kwargs={"note": "tick"})
+    beats = []
+    for _ in range(2):
+        config = CeleryEventsConfig(data_dir=str(tmp_path), periodic=[every_minute])
+        app = Litestar(listeners=[remind], plugins=[CeleryEventsPlugin(config)])
+        emitter = app.event_emitter
+        assert isinstance(emitter, CeleryEventEmitter)
+        install_scheduling(emitter.celery_app, emitter)
+        beats.append((emitter, emitter.celery_app.conf.beat_scheduler(app=emitter.celery_app)))
+    try:
+        for _, scheduler in beats:
+            scheduler.apply_entry(scheduler.schedule[every_minute.key])
+        assert sum(scheduler.fired for _, scheduler in beats) == 1
+        messages = [p for p in (tmp_path / "broker").iterdir() if p.suffix == ".msg"]
+        assert len(messages) == 1
+    finally:
+        for emitter, _ in beats:
+            emitter.stop()
