@@ -64,8 +64,13 @@ def store(app: Litestar) -> Iterator[FailedStore]:
 
 @pytest.fixture
 def worker(env: dict[str, str], tmp_path: Path) -> Iterator[CeleryProcess]:
-    with celery_worker(env, tmp_path / "worker.log", queues=os.environ["TEST_QUEUE"]) as process:
+    with celery_worker(env, tmp_path / "worker.log", queues=os.environ["TEST_QUEUE"], extra=_node_name()) as process:
         yield process
+
+
+def _node_name() -> list[str]:
+    """A node name of its own: two workers named celery@host on one RabbitMQ fight over the pidbox queue."""
+    return ["--hostname", f"reliability-{uuid.uuid4().hex[:8]}@%h"]
 
 
 def _emitter(app: Litestar) -> CeleryEventEmitter:
@@ -281,7 +286,7 @@ def test_a_web_process_killed_during_an_outage_loses_no_event(
     start_broker()
     records = Path(env["RECORD_FILE"])
     worker_env = {**env, "CELERY_BROKER_URL": f"redis://127.0.0.1:{port}/0"}
-    with celery_worker(worker_env, tmp_path / "worker.log", queues=os.environ["TEST_QUEUE"]):
+    with celery_worker(worker_env, tmp_path / "worker.log", queues=os.environ["TEST_QUEUE"], extra=_node_name()):
         restarted = create_app()
         with TestClient(restarted):  # the next web process adopts the dead one's spool
             wait_for(lambda: _emitter(restarted).publisher.spooled == 0, timeout=30, what="the spool to drain")
