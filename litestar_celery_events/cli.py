@@ -173,7 +173,7 @@ def failed_list_command(app: Litestar, as_json: bool, event_id: str | None, list
     """List failed events, oldest first."""
     records = _store_of(app).records(event_id=event_id, listener=listener)
     if as_json:
-        click.echo(json.dumps(records, default=_json_default, ensure_ascii=False))
+        click.echo(redact_url(json.dumps(records, default=_json_default, ensure_ascii=False)))
         return
     for record in records:
         click.echo(

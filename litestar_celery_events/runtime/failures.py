@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from litestar_celery_events.config import redact_url
+
 if TYPE_CHECKING:
     from litestar_celery_events.failed_store import FailedStore
 
@@ -42,8 +44,8 @@ class ListenerFailure:
     def from_exception(cls, exc: BaseException, **fields: Any) -> ListenerFailure:
         return cls(
             exc_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-            message=str(exc),
-            traceback="".join(traceback.format_exception(exc)),
+            message=redact_url(str(exc)),  # a listener's error may quote a URL with its password
+            traceback=redact_url("".join(traceback.format_exception(exc))),
             **fields,
         )
 

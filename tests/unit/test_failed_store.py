@@ -120,3 +120,50 @@ def test_the_store_follows_the_broker(tmp_path: Path) -> None:
     )
     assert isinstance(explicit, SqliteFailedStore)
     assert explicit.path == tmp_path / "f.db"
+
+
+def test_a_password_in_a_listener_error_never_reaches_the_record() -> None:
+    try:
+        raise ConnectionError("cannot reach redis://app:s3cret@cache:6379/0")
+    except ConnectionError as exc:
+        failure = ListenerFailure.from_exception(
+            exc, event_id="e", emission_id="x", listener="l", args=[], kwargs={}, attempts=1, permanent=False
+        )
+    assert "s3cret" not in failure.message + failure.traceback
+    assert "redis://app:***@cache:6379/0" in failure.message
+
+
+def test_replay_runs_the_recorded_listener_only_with_the_original_emission_as_root() -> None:
+    from litestar import Litestar
+
+    from litestar_celery_events import CeleryEventsPlugin, listener
+    from litestar_celery_events.failed_store import ReplayError, replay_emission
+
+    @listener("paid", queue="billing")
+    def charge(order: int) -> None: ...
+
+    @listener("paid")
+    def notify(order: int) -> None: ...
+
+    config = CeleryEventsConfig(broker_url="redis://localhost/0")
+    app = Litestar(listeners=[charge, notify], plugins=[CeleryEventsPlugin(config)])
+    registry = app.event_emitter.registry  # type: ignore[attr-defined]
+    record = {
+        "event_id": "paid",
+        "emission_id": "em-7",
+        "listener": charge.original_fn.__module__ + "." + charge.original_fn.__qualname__,
+        "args": [],
+        "kwargs": {"order": 7},
+        "emitted_at": 5.0,
+    }
+    emission = replay_emission(record, registry, config)
+    assert emission.task_name == f"events.paid[{record['listener']}]"
+    assert emission.kwargs == {"order": 7}
+    assert emission.queue == "billing"
+    assert emission.extra_headers == {"root_id": "em-7"}
+    assert emission.emission_id.startswith(f"em-7:{record['listener']}:replay-")
+    assert emission.emitted_at == 5.0
+    with pytest.raises(ReplayError, match="is not a listener of event 'paid'"):
+        replay_emission({**record, "listener": "-"}, registry, config)
+    with pytest.raises(ReplayError, match="event 'gone' has no listener"):
+        replay_emission({**record, "event_id": "gone"}, registry, config)
