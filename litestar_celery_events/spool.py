@@ -69,19 +69,19 @@ def _emission(row: tuple[Any, ...]) -> Emission:
     except Exception:  # noqa: BLE001 - a message must not be stuck on its repr
         args, kwargs = (), {}
     return Emission(
-        event_id,
-        emission_id,
-        task_name,
-        body,
-        tuple(args),
-        dict(kwargs),
-        queue,
-        emitted_at,
-        eta,
-        countdown,
-        None if listeners is None else tuple(kombu_json.loads(listeners)),
-        retries,
-        None if extra is None else dict(kombu_json.loads(extra)),
+        event_id=event_id,
+        emission_id=emission_id,
+        task_name=task_name,
+        body=body,
+        args=tuple(args),
+        kwargs=dict(kwargs),
+        queue=queue,
+        emitted_at=emitted_at,
+        eta=eta,
+        countdown=countdown,
+        listeners=None if listeners is None else tuple(kombu_json.loads(listeners)),
+        retries=retries,
+        extra_headers=None if extra is None else dict(kombu_json.loads(extra)),
     )
 
 
