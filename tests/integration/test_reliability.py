@@ -12,7 +12,9 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -340,3 +342,37 @@ def test_bad_input_reaching_a_worker_has_a_defined_outcome(
     assert len(runs_of(records, "hangs:start")) == 1, "a hard time limit is not retried"
     assert [r for r in store.records() if r["event_id"] == "returns"] == []
     assert worker.proc.poll() is None
+
+
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_every_emission_of_a_stream_across_a_broker_pause_is_accounted_for(
+    redis_url: str, store: FailedStore, env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis as redis_client
+
+    monkeypatch.setenv("SPOOL", "1")
+    records = Path(env["RECORD_FILE"])
+    app = create_app()
+    admin = redis_client.Redis.from_url(redis_url)
+    doomed_ids: list[str] = []
+    with celery_worker(env, tmp_path / "worker.log", queues=os.environ["TEST_QUEUE"], extra=_node_name()):
+        with TestClient(app):
+            emitter = _emitter(app)
+            for n in range(150):
+                if n == 50:
+                    admin.execute_command("CLIENT", "PAUSE", 2500, "ALL")
+                if n % 10 == 0:
+                    doomed_ids.append(emitter.enqueue("doomed", n=n))
+                emitter.enqueue("echo", n=n)
+                time.sleep(0.02)
+        wait_for(lambda: len(runs_of(records, "echo")) >= 150, timeout=60, what="every echo event")
+        wait_for(
+            lambda: {r["emission_id"] for r in store.records(event_id="doomed")} >= set(doomed_ids),
+            timeout=60,
+            what="every doomed event in the failed store",
+        )
+    echoed = Counter(int(r["kwargs"]["n"][1]) for r in runs_of(records, "echo"))
+    assert set(echoed) == set(range(150)), "no emission lost"
+    duplicates = sum(count - 1 for count in echoed.values())
+    assert duplicates <= 50, "only a batch stalled during the pause may go out twice"
+    assert len(runs_of(records, "doomed_sibling")) >= len(doomed_ids)
