@@ -15,7 +15,14 @@ from litestar import Litestar
 from litestar.exceptions import ImproperlyConfiguredException
 from litestar.testing import TestClient
 
-from litestar_celery_events import EventPayloadError, ListenerSignatureError, emit_later
+from litestar_celery_events import (
+    CeleryEventsConfig,
+    CeleryEventsPlugin,
+    EventPayloadError,
+    ListenerSignatureError,
+    emit_later,
+    listener,
+)
 from litestar_celery_events.testing import ListenerFailedError, fake_events, inline_events
 from tests.apps import recording, typed
 from tests.helpers import ROOT, read_records, runs_of
@@ -140,3 +147,23 @@ def test_the_readme_example_runs_as_written() -> None:
     assert len(tests) >= 2
     for test in tests:
         test()
+
+
+def test_inline_events_runs_the_listeners_of_an_event_a_listener_emits() -> None:
+    shipped: list[int] = []
+
+    @listener("order_paid")
+    async def relay(order_id: int) -> None:
+        chained.emit("order_ready_to_ship", order_id=order_id)
+
+    @listener("order_ready_to_ship")
+    def ship(order_id: int) -> None:
+        shipped.append(order_id)
+
+    chained = Litestar(listeners=[relay, ship], plugins=[CeleryEventsPlugin(CeleryEventsConfig())])
+    with inline_events(chained) as events, TestClient(chained):
+        chained.emit("order_paid", order_id=42)
+        assert shipped == [42]  # before emit returned
+    assert [e.event_id for e in events.emitted] == ["order_paid", "order_ready_to_ship"]
+    events.assert_ran("relay")
+    events.assert_ran("ship")
