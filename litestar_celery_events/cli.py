@@ -14,6 +14,7 @@ from litestar_celery_events.config import redact_url
 from litestar_celery_events.emitter import CeleryEventEmitter
 from litestar_celery_events.failed_store import ReplayError, failed_store_for, replay_emission
 from litestar_celery_events.runtime.worker_app import LITESTAR_APP_ENV
+from litestar_celery_events.scheduling import scheduling_status
 from litestar_celery_events.spool import spool_depth
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ def status_of(app: Litestar) -> dict[str, Any]:
         },
         "spooled_events": spool_depth(config),
         "failed_events": _failed_summary(config),
+        "scheduling": scheduling_status(emitter, STATUS_TIMEOUT_S),
     }
 
 
@@ -82,6 +84,11 @@ def status_command(app: Litestar, as_json: bool) -> None:
     click.echo(f"spooled events (waiting for the broker): {status['spooled_events']}")
     failed = status["failed_events"]
     click.echo(f"failed events: {failed.get('count', failed.get('error'))} in {failed['store']}")
+    scheduling = status["scheduling"]
+    waiting = scheduling.get("delayed_events_waiting", scheduling.get("error", "not counted"))
+    click.echo(f"delayed events waiting in {scheduling['delayed_events_wait_in']}: {waiting}")
+    for periodic in scheduling["periodic"]:
+        click.echo(f"periodic {periodic['name']}: last tick {periodic.get('last_tick') or 'never'}")
     for event_id, listeners in status["events"].items():
         click.echo(f"{event_id}  (task {emitter_of(app).config.event_task_name(event_id)})")
         for entry in listeners:

@@ -151,16 +151,17 @@ class ScheduleStore(Protocol):
 class RedisScheduleStore:
     """The Redis side: due sorted set, prepared messages, cancel tombstones, beat ticks."""
 
-    def __init__(self, url: str, global_keyprefix: str = "") -> None:
+    def __init__(self, url: str, global_keyprefix: str = "", timeout_s: float = SOCKET_TIMEOUT_S) -> None:
         self.zset, self.messages, self._tombstones, self.ticks = redis_keys(global_keyprefix)
         self._url = url
+        self._timeout_s = timeout_s
         self._client: redis.Redis | None = None
 
     @property
     def client(self) -> redis.Redis:
         if self._client is None:
             self._client = redis.Redis.from_url(
-                self._url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
+                self._url, socket_timeout=self._timeout_s, socket_connect_timeout=self._timeout_s
             )
         return self._client
 
@@ -194,6 +195,11 @@ class RedisScheduleStore:
     def waiting(self) -> int:
         """How many delayed events wait in the store."""
         return int(self.client.zcard(self.zset))
+
+    def next_due(self) -> float | None:
+        """Due time of the earliest waiting event."""
+        first = self.client.zrange(self.zset, 0, 0, withscores=True)
+        return float(first[0][1]) if first else None
 
     def close(self) -> None:
         if self._client is not None:

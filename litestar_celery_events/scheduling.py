@@ -41,6 +41,7 @@ __all__ = (
     "cancel_scheduled",
     "emit_later",
     "schedule_store_for",
+    "scheduling_status",
 )
 
 PAST_TOLERANCE_S = 1.0
@@ -199,7 +200,7 @@ def _scheduled_of(emitter: CeleryEventEmitter) -> _Scheduled:
     return state
 
 
-def schedule_store_for(celery_app: Celery, data_dir: Any) -> ScheduleStore:
+def schedule_store_for(celery_app: Celery, data_dir: Any, timeout_s: float | None = None) -> ScheduleStore:
     """The broker-side store on Redis brokers; otherwise the SQLite fallback under ``data_dir``."""
     from pathlib import Path
 
@@ -208,8 +209,34 @@ def schedule_store_for(celery_app: Celery, data_dir: Any) -> ScheduleStore:
     url = str(celery_app.conf.broker_url)
     if url.startswith(REDIS_SCHEMES):
         options = dict(celery_app.conf.broker_transport_options or {})
-        return RedisScheduleStore(url, options.get("global_keyprefix", ""))
+        if timeout_s is None:
+            return RedisScheduleStore(url, options.get("global_keyprefix", ""))
+        return RedisScheduleStore(url, options.get("global_keyprefix", ""), timeout_s)
     return SqliteScheduleStore(Path(data_dir) / "scheduling.sqlite3")
+
+
+def scheduling_status(emitter: CeleryEventEmitter, timeout_s: float) -> dict[str, Any]:
+    """For ``events status``: where delayed events wait (and how many), and each periodic event's last tick."""
+    from litestar_celery_events.config import redact_url
+
+    store = schedule_store_for(emitter.celery_app, emitter.config.resolved_data_dir, timeout_s)
+    status: dict[str, Any] = {
+        "delayed_events_wait_in": "redis store" if isinstance(store, RedisScheduleStore) else "workers (Celery eta)",
+        "periodic": [{"name": p.key, "event_id": p.event_id} for p in emitter.config.periodic],
+    }
+    try:
+        if isinstance(store, RedisScheduleStore):
+            status["delayed_events_waiting"] = store.waiting()
+            next_due = store.next_due()
+            status["next_due"] = None if next_due is None else eta_of(next_due)
+        for entry in status["periodic"]:
+            last = store.last_tick(entry["name"])
+            entry["last_tick"] = None if last is None else eta_of(last)
+    except Exception as exc:  # noqa: BLE001 - status must print even when the store is unreachable
+        status["error"] = f"unavailable ({redact_url(str(exc))})"
+    finally:
+        store.close()
+    return status
 
 
 def emit_later(

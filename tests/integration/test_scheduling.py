@@ -88,6 +88,24 @@ def test_racing_movers_enqueue_each_due_event_exactly_once(redis_url: str, store
     store.delete(queue)
 
 
+def test_events_status_shows_the_waiting_events_and_the_periodic_ones(
+    env: dict[str, str], store: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from litestar_celery_events.cli import status_of
+
+    monkeypatch.setenv("HEARTBEAT_EVERY_S", "60")
+    app = create_app()
+    with TestClient(app):
+        ids = [emit_later(app, "reminder_due", note=str(n), delay=60 + n) for n in range(2)]
+        wait_for(lambda: store.zcard(redis_keys()[0]) == 2, what="the store to hold both")
+        scheduling = status_of(app)["scheduling"]
+        assert all(cancel_scheduled(app, emission_id) for emission_id in ids)
+    assert scheduling["delayed_events_wait_in"] == "redis store"
+    assert scheduling["delayed_events_waiting"] == 2
+    assert scheduling["next_due"] is not None
+    assert scheduling["periodic"] == [{"name": "heartbeat@every 60s", "event_id": "heartbeat", "last_tick": None}]
+
+
 def test_a_cancelled_event_never_runs_even_across_a_worker_restart(
     env: dict[str, str], tmp_path: Path, store: redis.Redis
 ) -> None:
