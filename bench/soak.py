@@ -155,6 +155,7 @@ def _ledger_of(
         "in_failed_store": len(failed),
         "lost": len(set(range(emitted)) - accounted),
         "duplicated": sum(v - 1 for v in runs.values() if v > 1),
+        "duplicated_events": sorted(n for n, v in runs.items() if v > 1)[:30],
         "both_succeeded_and_failed": len(set(runs) & set(failed)),
         "listener_calls": int(client.get(CALLS_KEY) or 0),
         "injected_failures": int(client.get(INJECTED_KEY) or 0),

@@ -12,7 +12,6 @@ killed; it may not survive the machine losing power.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import socket
@@ -104,6 +103,8 @@ class SpoolFile:
     @classmethod
     def try_open(cls, path: Path) -> SpoolFile | None:
         """Open ``path`` if no live process holds its lock (else ``None``)."""
+        import fcntl  # POSIX only: imported where used, so the CLI still loads elsewhere
+
         fd = os.open(cls.lock_path(path), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
