@@ -227,6 +227,7 @@ class Publisher:
                 failures = 0
             self.published += len(batch)
             self._in_flight = []
+            self._drop_spooled_copies(spool)
             if len(self._buffer) < self._config.publish_batch_size and not self._stopping:
                 # A steady stream goes out in batches: the busier the stream (the bigger this batch),
                 # the longer until the next round trip, within MIN/MAX_PUBLISH_INTERVAL_S. After a
@@ -248,7 +249,7 @@ class Publisher:
         """The broker hangs: put the batch in flight and the buffer on disk (the caller's thread)."""
         in_flight = list(self._in_flight)
         self._spooled_in_flight = {e.emission_id for e in in_flight}
-        spool.put(in_flight)  # if that publish still succeeds, these go out twice: at-least-once
+        spool.put(in_flight)  # dropped from disk again if that publish still goes through
         spool.spill(self._buffer)
         logger.warning(
             "a publish to %s has waited %.1fs: %d event(s) now wait in the spool",
@@ -256,6 +257,12 @@ class Publisher:
             time.monotonic() - self._watched_since,
             spool.depth,
         )
+
+    def _drop_spooled_copies(self, spool: Spool | None) -> None:
+        """A publish that stalled went through after all: its batch's copies leave the spool."""
+        if self._spooled_in_flight and spool is not None:
+            spool.discard(self._spooled_in_flight)
+            self._spooled_in_flight = set()
 
     def _publish_from_spool(self, spool: Spool, failures: int) -> int:
         """One round while events wait on disk: spill memory to disk, publish the oldest batch."""

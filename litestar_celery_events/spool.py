@@ -130,6 +130,16 @@ class SpoolFile:
         rows = self._db.execute(f"SELECT seq, {_COLUMNS} FROM spool ORDER BY seq LIMIT ?", (limit,)).fetchall()
         return [(int(row[0]), _emission(tuple(row[1:]))) for row in rows]
 
+    def discard(self, emission_ids: Collection[str]) -> int:
+        ids = list(emission_ids)
+        removed = 0
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            removed += int(self._db.execute(f"DELETE FROM spool WHERE emission_id IN ({marks})", chunk).rowcount)
+        self.count = max(0, self.count - removed)
+        return removed
+
     def remove_through(self, seq: int) -> None:
         removed = self._db.execute("DELETE FROM spool WHERE seq <= ?", (seq,)).rowcount
         self.count = max(0, self.count - int(removed))
@@ -246,6 +256,15 @@ class Spool:
                     self.folder,
                 )
             return len(moving) - len(refused)
+
+    def discard(self, emission_ids: Collection[str]) -> int:
+        """Remove these emissions from disk: a publish that stalled delivered them after all."""
+        if self._forked() or not emission_ids:
+            return 0
+        with self._lock:
+            removed = sum(spool.discard(emission_ids) for spool in self._files())
+            self.active = self.depth > 0
+            return removed
 
     def put_or_raise(self, emission: Emission) -> None:
         """``emit``'s path while spooling: on disk before ``emit`` returns."""

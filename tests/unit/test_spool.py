@@ -212,23 +212,27 @@ def test_redis_brokers_sweep_for_a_dead_workers_unacked_messages_on_every_tick()
 
 
 class HangingTransport(ScriptedTransport):
-    """A broker that accepts the connection and never answers, until ``release``; then it refuses."""
+    """A broker that accepts the connection and never answers until ``release``; then that
+    publish fails (a timeout) or goes through (the broker was only paused)."""
 
-    def __init__(self) -> None:
+    def __init__(self, then: str) -> None:
         super().__init__()
+        self.then = then
         self.release = threading.Event()
         self.hung = threading.Event()
 
     def publish(self, batch: list[Emission], done: list[int]) -> None:
-        if not self.release.is_set():
+        if not self.hung.is_set():
             self.hung.set()
             self.release.wait(30)
-            raise TimeoutError("redis://user:hunter2@broker:6379 timed out")
+            if self.then == "fails":
+                raise TimeoutError("redis://user:hunter2@broker:6379 timed out")
         super().publish(batch, done)
 
 
-def test_a_broker_that_hangs_sends_new_events_and_the_stalled_batch_to_the_spool(tmp_path: Path) -> None:
-    transport = HangingTransport()
+@pytest.mark.parametrize("then", ["fails", "goes_through"])
+def test_a_broker_that_hangs_sends_new_events_and_the_stalled_batch_to_the_spool(tmp_path: Path, then: str) -> None:
+    transport = HangingTransport(then)
     publisher = _publisher(transport, _config(tmp_path))
     publisher.start()
     publisher.submit(_emission(0))
