@@ -169,14 +169,12 @@ class _Scheduled:
 
     def remember(self, emission_id: str, due: float) -> None:
         with self.lock:
-            due_by_id = self.due_by_id
-            if len(due_by_id) >= MAX_REMEMBERED_IDS:
+            if len(self.due_by_id) >= MAX_REMEMBERED_IDS:  # one rebuild per MAX/10 calls
                 now = time.time()
-                for key in [k for k, d in due_by_id.items() if d < now]:
-                    del due_by_id[key]
-                while len(due_by_id) >= MAX_REMEMBERED_IDS:
-                    del due_by_id[next(iter(due_by_id))]
-            due_by_id[emission_id] = due
+                kept = [(k, d) for k, d in self.due_by_id.items() if d >= now]
+                # Drop the oldest tenth if still full: the publisher wrote those long ago.
+                self.due_by_id = dict(kept[-int(MAX_REMEMBERED_IDS * 0.9) :])
+            self.due_by_id[emission_id] = due
 
     def forget_if_not_due(self, emission_id: str) -> bool:
         """Forget ``emission_id``; True if this process scheduled it and it is not due yet (so no
