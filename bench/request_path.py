@@ -1,6 +1,6 @@
 """Request path and broker stall: uvicorn (one worker) serving the benchmark apps, loaded on loopback.
 
-Variants, side by side in each repetition (order rotated per repetition):
+Variants, side by side in each repetition (the two runs of each ratio next to each other):
 
 - ``none``: ``GET /noemit`` on the events app (the denominator of every ratio);
 - ``events``: ``GET /emit`` calling ``request.app.emit`` with ``CeleryEventsPlugin``;
@@ -114,13 +114,13 @@ def _in_broker(redis: RedisServer, queue: str, emitted: int, grace_s: float = BR
 
 
 VARIANTS = {
-    # name: (server, path, broker queue or None)
+    # name: (server, path, broker queue or None); pairs of a ratio sit next to each other.
     "none": ("events", "/noemit", None),
     "events": ("events", "/emit", WEB_QUEUE),
-    "naive": ("events", "/naive", NAIVE_QUEUE),
-    "naive_pool": ("events", "/naive-pool", NAIVE_QUEUE),
     "simple_none": ("simple", "/noemit", None),
     "simple": ("simple", "/emit", None),
+    "naive": ("events", "/naive", NAIVE_QUEUE),
+    "naive_pool": ("events", "/naive-pool", NAIVE_QUEUE),
 }
 
 
@@ -131,7 +131,11 @@ def run_request_path(
     names = variants or list(VARIANTS)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for rep in range(reps):
-        order = names[rep % len(names) :] + names[: rep % len(names)]
+        # Each ratio's two runs stay next to each other (the machine's load drifts); which of the two
+        # goes first alternates per repetition.
+        order = (
+            names if rep % 2 == 0 else [names[i ^ 1] if (i ^ 1) < len(names) else names[i] for i in range(len(names))]
+        )
         for name in order:
             server, path, queue = VARIANTS[name]
             port = ports[server][0]

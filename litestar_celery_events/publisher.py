@@ -36,8 +36,8 @@ SPOOL_WHEN_STALLED_S = 1.0
 refuses) sends new events, and the batch it holds, to the spool instead of memory."""
 MAX_RECONNECT_DELAY_S = 2.0
 MIN_PUBLISH_INTERVAL_S = 0.002
-MAX_PUBLISH_INTERVAL_S = 0.008
-"""Under a steady stream of events, round trips are 2 ms (one event per batch) to 8 ms apart, so
+MAX_PUBLISH_INTERVAL_S = 0.02
+"""Under a steady stream of events, round trips are 2 ms (one event per batch) to 20 ms apart, so
 each carries a batch: a round trip costs ~100x the CPU of adding one message to it."""
 
 
