@@ -82,6 +82,8 @@ def _child(variant: str) -> dict[str, Any]:
         return min(samples, key=lambda s: abs(s[0] - t))[1]
 
     before = rss_at(phases["up"])
+    # Bounded means the growth stops: the last 5 s of the outage against the 5 s before them.
+    mid, late = rss_at(phases["up"] + DOWN_S / 2), rss_at(phases["down"])
     outage = [s for s in samples if phases["up"] <= s[0] <= phases["down"] + 0.5]
     peak = max(s[1] for s in outage)
     return {
@@ -94,6 +96,8 @@ def _child(variant: str) -> dict[str, Any]:
         "rss_peak_outage_mb": round(peak, 1),
         "rss_end_mb": round(samples[-1][1], 1),
         "growth_mb": round(peak - before, 1),
+        "growth_first_half_mb": round(mid - before, 1),
+        "growth_second_half_mb": round(late - mid, 1),
         "max_waiting_events": max(s[2] for s in samples),
         "growth_bytes_per_waiting_event": round((peak - before) * 2**20 / max(1, *(s[2] for s in samples))),
     }

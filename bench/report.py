@@ -1,6 +1,7 @@
 """Renders ``results.json`` as the markdown table in ``bench/results/results.md``.
 
-``python -m bench.report`` re-renders the markdown from the JSON without re-running anything.
+``python -m bench.report`` re-renders the markdown from the JSON without re-running anything;
+``python -m bench.report --readme`` puts the targets table into README.md's Performance section.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 __all__ = ("render",)
@@ -195,7 +197,9 @@ def _targets(r: dict[str, Any]) -> list[str]:  # noqa: PLR0915 - one row per tar
                 row(
                     f"Web RSS, broker down 10 s at 1,000 events/s ({label})",
                     f"+{_num(m['growth_mb'], 1)} MB ({_num(m['rss_before_outage_mb'], 1)} → "
-                    f"{_num(m['rss_peak_outage_mb'], 1)}) for {_num(m['max_waiting_events'])} waiting; "
+                    f"{_num(m['rss_peak_outage_mb'], 1)}; first 5 s +{_num(m.get('growth_first_half_mb'), 1)}, "
+                    f"last 5 s +{_num(m.get('growth_second_half_mb'), 1)}) "
+                    f"for {_num(m['max_waiting_events'])} waiting; "
                     f"delivered {_num(m['in_broker'])}/{_num(m['emitted'])}",
                     "flat",
                     "",
@@ -281,7 +285,32 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+README_START = "<!-- bench:start (python -m bench.report --readme) -->"
+README_END = "<!-- bench:end -->"
+
+
+def update_readme(results: dict[str, Any], readme: Path) -> None:
+    """Put the targets table of ``results`` between the README's bench markers (figures stay in sync)."""
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    m, v = results.get("machine", {}), results.get("versions", {})
+    head = (
+        f"Run {results.get('started_at')} ({results.get('elapsed_s')} s), {m.get('cores')} cores ({m.get('cpu')}), "
+        f"load average {m.get('load_avg')} → {results.get('machine_end', {}).get('load_avg')}; "
+        f"litestar {v.get('litestar')}, celery {v.get('celery')}, kombu {v.get('kombu')}, redis-py {v.get('redis')}, "
+        f"redis-server {v.get('redis-server')}; commit {v.get('commit')}."
+    )
+    block = "\n".join(["", head, "", *_targets(results), ""])
+    readme.write_text(text[:start] + block + text[end:], encoding="utf-8")
+
+
 if __name__ == "__main__":
-    path = sys.argv[1] if len(sys.argv) > 1 else "bench/results/results.json"
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    root = Path(__file__).resolve().parent.parent
+    path = Path(args[0]) if args else root / "bench" / "results" / "results.json"
     with open(path, encoding="utf-8") as f:
-        print(render(json.load(f)))
+        loaded = json.load(f)
+    if "--readme" in sys.argv:
+        update_readme(loaded, root / "README.md")
+    else:
+        print(render(loaded))
