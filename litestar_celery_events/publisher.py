@@ -118,6 +118,8 @@ class Publisher:
                 return
             self._overflow(emission)
         buffer.append(emission)
+        if spool is not None and spool.active:  # the publisher began spooling meanwhile: join it on disk
+            spool.spill(buffer)
         if self._idle:
             self._wakeup.set()
 

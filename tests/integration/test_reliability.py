@@ -262,9 +262,11 @@ def test_a_web_process_killed_during_an_outage_loses_no_event(
     monkeypatch: pytest.MonkeyPatch,
     dead_broker_port: tuple[int, Any],
     outage: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     port, start_broker = dead_broker_port
     blackhole = socket.socket()
+    request.addfinalizer(blackhole.close)
     if outage == "hangs":  # connections are accepted by the kernel and never answered
         blackhole.bind(("127.0.0.1", port))
         blackhole.listen(16)
