@@ -90,7 +90,7 @@ def _web(name: str, redis: RedisServer, ports: Any, reps: int, quick: bool) -> A
 
     if name == "request_path":
         return request_path.run_request_path(redis, ports, reps, duration=2.0 if quick else 2.5)
-    return request_path.run_stall(redis, ports)
+    return request_path.run_stall(redis, ports, reps=1 if quick else 2)
 
 
 def _run(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> None:

@@ -114,7 +114,7 @@ def _targets(r: dict[str, Any]) -> list[str]:  # noqa: PLR0915 - one row per tar
     st = _get(r, "stall", "summary")
     if st:
         row(
-            "Broker stall 3 s: probe requests over 100 ms",
+            f"Broker stall 3 s (worst of {st.get('reps', 1)} runs): probe requests over 100 ms",
             _num(st["probe_over_100ms"]) + f" (max {_num(st['probe_max_ms'], 1)} ms)",
             "0",
             _met(st["probe_over_100ms"], 0, higher_is_better=False),
