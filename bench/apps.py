@@ -55,6 +55,16 @@ async def on_bench_async(**kwargs: Any) -> None:
     pass
 
 
+async def _noop() -> None:
+    pass
+
+
+@listener("bench_asyncio_run")
+def on_bench_asyncio_run(**kwargs: Any) -> None:
+    """The same async no-op run the naive way: a new event loop per call."""
+    asyncio.run(_noop())
+
+
 @listener("bench_latency")
 def on_bench_latency(t: float, **kwargs: Any) -> None:
     started = time.time()
@@ -146,7 +156,7 @@ def create_events_app(queue: str | None = None) -> Litestar:
     )
     return Litestar(
         route_handlers=ROUTES,
-        listeners=[on_user_created, on_bench_async, on_bench_latency],
+        listeners=[on_user_created, on_bench_async, on_bench_asyncio_run, on_bench_latency],
         plugins=[CeleryEventsPlugin(config)],
     )
 

@@ -3,7 +3,8 @@
 - throughput: a queue pre-filled with N task messages, drained by one worker; the rate is taken
   between the first and the last ``skip`` messages (worker start-up and the tail excluded).
   Events with one no-op sync listener vs a plain Celery no-op task; an async no-op listener on
-  the persistent loop vs a plain task running ``asyncio.run()`` per call.
+  the persistent loop vs the same no-op run by ``asyncio.run()`` per call (as a listener, and as a
+  plain Celery task).
 - latency: emit -> listener start at a steady 200 events/s, vs ``apply_async`` -> task start.
 """
 
@@ -94,7 +95,13 @@ def run_e2e(redis: RedisServer, reps: int, n: int = 4_000, skip: int = 400, late
     os.environ.update(env)
     events_worker = CeleryWorker("bench.events_worker", worker_args(EVENTS_QUEUE), env, folder / "events.log")
     plain_worker = CeleryWorker("bench.plain_worker", worker_args(PLAIN_QUEUE), env, folder / "plain.log")
-    rates: dict[str, list[float]] = {"events_sync": [], "plain_sync": [], "events_async": [], "plain_asyncio_run": []}
+    rates: dict[str, list[float]] = {
+        "events_sync": [],
+        "plain_sync": [],
+        "events_async": [],
+        "events_asyncio_run": [],
+        "plain_asyncio_run": [],
+    }
     lat: dict[str, list[dict[str, float]]] = {"events": [], "plain": []}
     from bench.apps import create_events_app
     from bench.plain_worker import app as plain_app
@@ -111,6 +118,7 @@ def run_e2e(redis: RedisServer, reps: int, n: int = 4_000, skip: int = 400, late
                 ("events_sync", "events.bench_sync", EVENTS_QUEUE),
                 ("plain_sync", "bench.noop", PLAIN_QUEUE),
                 ("events_async", "events.bench_async", EVENTS_QUEUE),
+                ("events_asyncio_run", "events.bench_asyncio_run", EVENTS_QUEUE),
                 ("plain_asyncio_run", "bench.noop_asyncio_run", PLAIN_QUEUE),
             ]
             for name, task, queue in pairs if rep % 2 == 0 else pairs[::-1]:
@@ -132,7 +140,8 @@ def run_e2e(redis: RedisServer, reps: int, n: int = 4_000, skip: int = 400, late
         "measured": n - 2 * skip,
         "events_per_s": {name: summary(values) for name, values in rates.items()},
         "ratio_sync": ratio(rates["events_sync"], rates["plain_sync"]),
-        "ratio_async": ratio(rates["events_async"], rates["plain_asyncio_run"]),
+        "ratio_async": ratio(rates["events_async"], rates["events_asyncio_run"]),
+        "ratio_async_vs_plain": ratio(rates["events_async"], rates["plain_asyncio_run"]),
         "latency_rate_per_s": 200,
         "latency_p50_ms": {name: summary([x["p50_ms"] for x in v]) for name, v in lat.items()},
         "latency_p99_ms": {name: summary([x["p99_ms"] for x in v]) for name, v in lat.items()},

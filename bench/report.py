@@ -156,10 +156,17 @@ def _targets(r: dict[str, Any]) -> list[str]:  # noqa: PLR0915 - one row per tar
             _met(_get(e2e, "ratio_sync", "median"), 0.9),
         )
         row(
-            "… async listener, persistent loop ÷ `asyncio.run()` per task",
-            f"{_s(e2e['ratio_async'])}x ({_s(rates['events_async'], 0)} vs {_s(rates['plain_asyncio_run'], 0)} /s)",
+            "… async listener, persistent loop ÷ `asyncio.run()` per task (as a listener)",
+            f"{_s(e2e['ratio_async'])}x ({_s(rates['events_async'], 0)} vs "
+            f"{_s(rates.get('events_asyncio_run'), 0)} /s)",
             "≥ 1.2x",
             _met(_get(e2e, "ratio_async", "median"), 1.2),
+        )
+        row(
+            "… same ÷ a plain Celery task running `asyncio.run()`",
+            f"{_s(e2e.get('ratio_async_vs_plain'))}x ({_s(rates['plain_asyncio_run'], 0)} /s)",
+            "(baseline)",
+            "",
         )
         lat50, lat99 = e2e["latency_p50_ms"], e2e["latency_p99_ms"]
         row(
