@@ -231,8 +231,8 @@ class Spool:
                 self._drop_oldest(len(emissions) - room)
                 room = self._max - self.depth
             accepted, refused = emissions[: max(0, room)], emissions[max(0, room) :]
+            self.active = True  # before the write: whoever sees the depth grow also sees spooling on
             self._own_file().put(accepted)
-            self.active = True
             return refused
 
     def spill(self, buffer: deque[Emission], skip: Collection[str] = ()) -> int:
@@ -244,6 +244,8 @@ class Spool:
             return 0
         with self._lock:
             was_active = self.active
+            # Active before the buffer is emptied: an emit that appends meanwhile sees it and spills too.
+            self.active = True
             moving = [buffer.popleft() for _ in range(len(buffer))]
             if skip:
                 moving = [e for e in moving if e.emission_id not in skip]

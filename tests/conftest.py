@@ -13,23 +13,17 @@ import shutil
 import socket
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_for
+from tests.helpers import free_port, wait_for
 
 # Unique queues per session: several runs may share the machine's RabbitMQ.
 SESSION_TAG = uuid.uuid4().hex[:8]
 os.environ.setdefault("TEST_QUEUE", f"events-{SESSION_TAG}")
 os.environ.setdefault("ROUTED_QUEUE", f"mail-{SESSION_TAG}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -51,7 +45,7 @@ def redis_server_binary() -> str:
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     folder = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
         [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
@@ -85,5 +79,22 @@ def broker_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def queue_suffix() -> str:
-    return uuid.uuid4().hex[:8]
+def use_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict[str, str]]:
+    """Set (for this test) and return the env a web app and its worker share: broker, app, data dir."""
+
+    def use(broker_url: str, app: str | None = "tests.apps.recording:create_app", **extra: str) -> dict[str, str]:
+        values = {
+            "CELERY_BROKER_URL": broker_url,
+            "RECORD_FILE": str(tmp_path / "records.jsonl"),
+            "CELERY_EVENTS_DATA_DIR": str(tmp_path / "data"),
+            **extra,
+        }
+        if app is None:
+            monkeypatch.delenv("LITESTAR_APP", raising=False)
+        else:
+            values["LITESTAR_APP"] = app
+        for key, value in values.items():
+            monkeypatch.setenv(key, value)
+        return values
+
+    return use

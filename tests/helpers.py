@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -38,14 +43,14 @@ def runs_of(path: Path, listener: str) -> list[dict[str, Any]]:
     return [r for r in read_records(path) if r["listener"] == listener]
 
 
-class CeleryProcess:
-    """A real ``celery -A worker <command>`` subprocess with its output in a log file."""
+class LoggedProcess:
+    """``argv`` in its own session (so ``stop`` ends its children too), output in ``log``."""
 
-    def __init__(self, args: list[str], env: Mapping[str, str], log: Path) -> None:
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str], log: Path) -> None:
         self.log = log
         self._out = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker", *args],
+            list(argv),
             cwd=ROOT,
             env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
             stdout=self._out,
@@ -56,13 +61,15 @@ class CeleryProcess:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_ready(self, marker: str = "ready.", timeout: float = 60.0) -> None:
-        def ready() -> bool:
+    def wait_output(self, marker: str, timeout: float = 60.0) -> None:
+        def seen() -> bool:
+            if marker in self.output():
+                return True
             if self.proc.poll() is not None:
-                raise RuntimeError(f"celery exited with {self.proc.returncode}:\n{self.output()}")
-            return marker in self.output()
+                raise RuntimeError(f"{self.proc.args} exited with {self.proc.returncode}:\n{self.output()}")
+            return False
 
-        wait_for(ready, timeout=timeout, what=f"celery to print {marker!r}")
+        wait_for(seen, timeout=timeout, what=f"{marker!r} in {self.log.name}")
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.proc.poll() is None:
@@ -75,12 +82,24 @@ class CeleryProcess:
         self._out.close()
 
 
+class CeleryProcess(LoggedProcess):
+    """A real ``celery -A worker <command>`` subprocess."""
+
+    def __init__(self, args: list[str], env: Mapping[str, str], log: Path) -> None:
+        super().__init__([sys.executable, "-m", "celery", "-A", "worker", *args], env, log)
+
+    def wait_ready(self, marker: str = "ready.", timeout: float = 60.0) -> None:
+        self.wait_output(marker, timeout)
+
+
 @contextmanager
 def celery_worker(
     env: Mapping[str, str], log: Path, queues: str | None = None, extra: list[str] | None = None
 ) -> Iterator[CeleryProcess]:
     """``celery -A worker worker`` (prefork, 2 children) until the block ends."""
+    # A unique node name: two sessions' workers on one RabbitMQ must not share a control queue.
     args = ["worker", "--loglevel", "INFO", "--concurrency", "2", "--without-gossip", "--without-mingle"]
+    args += ["--hostname", f"test-{uuid.uuid4().hex[:8]}@%h"]
     if queues:
         args += ["--queues", queues]
     worker = CeleryProcess(args + (extra or []), env, log)
@@ -89,3 +108,34 @@ def celery_worker(
         yield worker
     finally:
         worker.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(url: str, auth: tuple[str, str] | None = None, timeout: float = 5.0) -> tuple[int, Any]:
+    """``(status, decoded JSON or text)`` of a GET; HTTP errors are returned, not raised."""
+    request = urllib.request.Request(url)
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, body = response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read().decode(errors="replace")
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body
+
+
+def http_up(url: str) -> bool:
+    try:
+        http_get(url, timeout=1.0)
+    except OSError:
+        return False
+    return True

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from litestar.testing import TestClient
 
 from tests.apps.recording import create_app
-from tests.helpers import runs_of, wait_for
-from tests.ops import LoggedProcess, free_port, http_get, http_up
+from tests.helpers import LoggedProcess, free_port, http_get, http_up, runs_of, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -20,17 +20,9 @@ LITESTAR = [sys.executable, "-m", "litestar", "--app", APP, "events"]
 
 
 @pytest.fixture
-def env(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    values = {
-        "CELERY_BROKER_URL": redis_url,
-        "RECORD_FILE": str(tmp_path / "records.jsonl"),
-        "CELERY_EVENTS_DATA_DIR": str(tmp_path / "data"),
-    }
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("LITESTAR_APP", raising=False)
+def env(redis_url: str, use_env: Callable[..., dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     monkeypatch.delenv("FLOWER_BASIC_AUTH", raising=False)
-    return values
+    return use_env(redis_url, app=None)
 
 
 def test_events_worker_runs_the_listeners_of_the_app_named_by_litestar_app(env: dict[str, str], tmp_path: Path) -> None:

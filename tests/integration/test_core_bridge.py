@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,16 +24,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def env(broker_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    values = {
-        "CELERY_BROKER_URL": broker_url,
-        "RECORD_FILE": str(tmp_path / "records.jsonl"),
-        "LITESTAR_APP": "tests.apps.recording:create_app",
-        "CELERY_EVENTS_DATA_DIR": str(tmp_path / "data"),
-    }
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    return values
+def env(broker_url: str, use_env: Callable[..., dict[str, str]]) -> dict[str, str]:
+    return use_env(broker_url)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,7 @@ from litestar.testing import TestClient
 
 from litestar_celery_events import CeleryEventEmitter
 from tests.apps.recording import create_app
-from tests.helpers import ROOT, wait_for
-from tests.ops import LoggedProcess, free_port, http_get, http_up
+from tests.helpers import ROOT, LoggedProcess, free_port, http_get, http_up, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -36,16 +35,8 @@ def _compose_command(service: str) -> list[str]:
 
 
 @pytest.fixture
-def env(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    values = {
-        "CELERY_BROKER_URL": redis_url,
-        "RECORD_FILE": str(tmp_path / "records.jsonl"),
-        "LITESTAR_APP": "tests.apps.recording:create_app",
-        "CELERY_EVENTS_DATA_DIR": str(tmp_path / "data"),
-    }
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    return values
+def env(redis_url: str, use_env: Callable[..., dict[str, str]]) -> dict[str, str]:
+    return use_env(redis_url)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import textwrap
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,8 @@ from litestar_celery_events import CeleryEventEmitter
 from litestar_celery_events.failed_store import FailedStore, failed_store_for
 from litestar_celery_events.message import Emission, task_headers
 from tests.apps.reliability import create_app
-from tests.conftest import _free_port, _port_open, redis_server_binary
-from tests.helpers import ROOT, CeleryProcess, celery_worker, runs_of, wait_for
+from tests.conftest import _port_open, redis_server_binary
+from tests.helpers import ROOT, CeleryProcess, celery_worker, free_port, runs_of, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,16 +39,8 @@ APP = "tests.apps.reliability:create_app"
 
 
 @pytest.fixture
-def env(broker_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    values = {
-        "CELERY_BROKER_URL": broker_url,
-        "RECORD_FILE": str(tmp_path / "records.jsonl"),
-        "LITESTAR_APP": APP,
-        "CELERY_EVENTS_DATA_DIR": str(tmp_path / "data"),
-    }
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    return values
+def env(broker_url: str, use_env: Callable[..., dict[str, str]]) -> dict[str, str]:
+    return use_env(broker_url, APP)
 
 
 @pytest.fixture
@@ -66,13 +58,8 @@ def store(app: Litestar) -> Iterator[FailedStore]:
 
 @pytest.fixture
 def worker(env: dict[str, str], tmp_path: Path) -> Iterator[CeleryProcess]:
-    with celery_worker(env, tmp_path / "worker.log", queues=os.environ["TEST_QUEUE"], extra=_node_name()) as process:
+    with celery_worker(env, tmp_path / "worker.log", queues=os.environ["TEST_QUEUE"]) as process:
         yield process
-
-
-def _node_name() -> list[str]:
-    """A node name of its own: two workers named celery@host on one RabbitMQ fight over the pidbox queue."""
-    return ["--hostname", f"reliability-{uuid.uuid4().hex[:8]}@%h"]
 
 
 def _emitter(app: Litestar) -> CeleryEventEmitter:
@@ -213,7 +200,7 @@ def test_a_worker_child_killed_mid_listener_is_redelivered_and_completes(
 @pytest.fixture
 def dead_broker_port(tmp_path: Path) -> Iterator[tuple[int, Any]]:
     """A port with no broker yet, and a function that starts a redis-server on it."""
-    port = _free_port()
+    port = free_port()
     started: list[subprocess.Popen[bytes]] = []
 
     def start() -> None:
@@ -290,7 +277,7 @@ def test_a_web_process_killed_during_an_outage_loses_no_event(
     start_broker()
     records = Path(env["RECORD_FILE"])
     worker_env = {**env, "CELERY_BROKER_URL": f"redis://127.0.0.1:{port}/0"}
-    with celery_worker(worker_env, tmp_path / "worker.log", queues=os.environ["TEST_QUEUE"], extra=_node_name()):
+    with celery_worker(worker_env, tmp_path / "worker.log", queues=os.environ["TEST_QUEUE"]):
         restarted = create_app()
         with TestClient(restarted):  # the next web process adopts the dead one's spool
             wait_for(lambda: _emitter(restarted).publisher.spooled == 0, timeout=30, what="the spool to drain")
@@ -357,7 +344,7 @@ def test_every_emission_of_a_stream_across_a_broker_pause_is_accounted_for(
     app = create_app()
     admin = redis_client.Redis.from_url(redis_url)
     doomed_ids: list[str] = []
-    with celery_worker(env, tmp_path / "worker.log", queues=os.environ["TEST_QUEUE"], extra=_node_name()):
+    with celery_worker(env, tmp_path / "worker.log", queues=os.environ["TEST_QUEUE"]):
         with TestClient(app):
             emitter = _emitter(app)
             for n in range(150):

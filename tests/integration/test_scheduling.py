@@ -7,7 +7,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -28,16 +28,8 @@ LATE_S = 2.0
 
 
 @pytest.fixture
-def env(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    values = {
-        "CELERY_BROKER_URL": redis_url,
-        "RECORD_FILE": str(tmp_path / "records.jsonl"),
-        "LITESTAR_APP": "tests.apps.recording:create_app",
-        "CELERY_EVENTS_DATA_DIR": str(tmp_path / "data"),
-    }
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    return values
+def env(redis_url: str, use_env: Callable[..., dict[str, str]]) -> dict[str, str]:
+    return use_env(redis_url)
 
 
 @pytest.fixture
@@ -192,17 +184,10 @@ def test_two_beat_processes_fire_each_tick_once_and_a_restarted_beat_does_not_re
 
 @pytest.mark.parametrize("broker", ["embedded", "amqp"])
 def test_without_the_redis_store_celerys_eta_delays_and_the_cancel_set_holds(
-    broker: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    broker: str, request: pytest.FixtureRequest, tmp_path: Path, use_env: Callable[..., dict[str, str]]
 ) -> None:
     url = "filesystem://" if broker == "embedded" else str(request.getfixturevalue("amqp_url"))
-    env = {
-        "CELERY_BROKER_URL": url,
-        "RECORD_FILE": str(tmp_path / "records.jsonl"),
-        "LITESTAR_APP": "tests.apps.recording:create_app",
-        "CELERY_EVENTS_DATA_DIR": str(tmp_path / "data"),
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    env = use_env(url)
     records = Path(env["RECORD_FILE"])
     app = create_app()
     # On RabbitMQ the worker gets a data_dir of its own, as on another host: Celery's revoke must do it.

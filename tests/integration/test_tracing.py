@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,18 +43,10 @@ def _json_lines(text: str) -> list[dict[str, Any]]:
 
 
 def test_a_request_and_the_listeners_it_triggered_share_one_trace_and_the_worker_logs_carry_the_event(
-    web_spans: InMemorySpanExporter, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    web_spans: InMemorySpanExporter, redis_url: str, tmp_path: Path, use_env: Callable[..., dict[str, str]]
 ) -> None:
     span_file = tmp_path / "worker-spans.jsonl"
-    env = {
-        "CELERY_BROKER_URL": redis_url,
-        "LITESTAR_APP": "tests.apps.traced:create_app",
-        "CELERY_EVENTS_DATA_DIR": str(tmp_path / "data"),
-        "SPAN_FILE": str(span_file),
-        "CELERY_EVENTS_LOG_FORMAT": "json",
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    env = use_env(redis_url, "tests.apps.traced:create_app", SPAN_FILE=str(span_file), CELERY_EVENTS_LOG_FORMAT="json")
 
     with celery_worker(env, tmp_path / "worker.log", extra=["--concurrency", "1"]) as worker:
         app = create_app()

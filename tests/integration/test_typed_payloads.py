@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,16 +18,9 @@ pytestmark = pytest.mark.integration
 
 
 def test_listeners_receive_their_annotated_types_from_a_web_app_that_only_declares_the_events(
-    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, tmp_path: Path, use_env: Callable[..., dict[str, str]]
 ) -> None:
-    env = {
-        "CELERY_BROKER_URL": redis_url,
-        "RECORD_FILE": str(tmp_path / "records.jsonl"),
-        "LITESTAR_APP": "tests.apps.typed:create_app",
-        "CELERY_EVENTS_DATA_DIR": str(tmp_path / "data"),
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    env = use_env(redis_url, "tests.apps.typed:create_app")
     signed_up_at = datetime.datetime(2026, 5, 6, 7, 8, 9, tzinfo=datetime.timezone.utc)
 
     with celery_worker(env, tmp_path / "worker.log"):

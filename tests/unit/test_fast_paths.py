@@ -16,7 +16,12 @@ from kombu.utils.json import loads
 from litestar_celery_events import CeleryEventsConfig, ListenerSignatureError, listener
 from litestar_celery_events.listeners import ListenerRegistry
 from litestar_celery_events.message import _EMBED, Emission, _encoder, encode_body, new_emission_id
-from litestar_celery_events.transports.redis import RedisTransport, _generic_envelope, redis_envelope
+from litestar_celery_events.transports.redis import (
+    RedisTransport,
+    _generic_envelope,
+    lpush_commands,
+    redis_envelope,
+)
 
 PAYLOADS = [
     ((), {}),
@@ -70,26 +75,58 @@ def test_emissions_with_extra_headers_or_listeners_take_the_generic_envelope() -
     assert headers["traceparent"] == "00-abc-def-01"
 
 
-class RecordingPipeline:
+class RecordingConnection:
     def __init__(self) -> None:
-        self.commands: list[tuple[str, tuple[str, ...]]] = []
+        self.sent: list[bytes] = []
+        self.replies = 0
+        self.disconnected = False
 
-    def lpush(self, key: str, *values: str) -> None:
-        self.commands.append((key, values))
+    def send_packed_command(self, chunks: list[bytes]) -> None:
+        self.sent.extend(chunks)
 
-    def execute(self) -> None:
-        pass
+    def read_response(self) -> int:
+        self.replies += 1
+        return 1
+
+    def disconnect(self) -> None:
+        self.disconnected = True
+
+
+class RecordingPool:
+    def __init__(self) -> None:
+        self.connection = RecordingConnection()
+        self.released = 0
+
+    def get_connection(self, *_: str) -> RecordingConnection:
+        return self.connection
+
+    def release(self, connection: RecordingConnection) -> None:
+        self.released += 1
 
 
 class RecordingClient:
     def __init__(self) -> None:
-        self.pipe = RecordingPipeline()
-
-    def pipeline(self, transaction: bool) -> RecordingPipeline:
-        return self.pipe
+        self.connection_pool = RecordingPool()
 
 
-def test_a_batch_goes_out_as_one_lpush_per_run_of_the_same_queue_in_order() -> None:
+def _parse_resp_commands(payload: bytes) -> list[list[str]]:
+    """The commands in a RESP payload (arrays of bulk strings only)."""
+    commands, i = [], 0
+    while i < len(payload):
+        assert payload[i : i + 1] == b"*"
+        end = payload.index(b"\r\n", i)
+        count, i = int(payload[i + 1 : end]), end + 2
+        args = []
+        for _ in range(count):
+            end = payload.index(b"\r\n", i)
+            length, i = int(payload[i + 1 : end]), end + 2
+            args.append(payload[i : i + length].decode())
+            i += length + 2
+        commands.append(args)
+    return commands
+
+
+def test_a_batch_goes_out_as_one_lpush_per_run_of_the_same_queue_in_one_payload() -> None:
     app = Celery(set_as_current=False)
     app.conf.broker_url = "redis://127.0.0.1:1/0"
     transport = RedisTransport(app)
@@ -102,9 +139,44 @@ def test_a_batch_goes_out_as_one_lpush_per_run_of_the_same_queue_in_order() -> N
     done = [0]
     transport.publish(batch, done)
     assert done == [len(batch)]
-    assert [(key, len(values)) for key, values in client.pipe.commands] == [("a", 2), ("b", 1), ("celery", 2), ("a", 1)]
-    sent = [json.loads(v)["headers"]["id"] for _, values in client.pipe.commands for v in values]
+    connection = client.connection_pool.connection
+    assert len(connection.sent) == 1, "one payload, one round trip"
+    commands = _parse_resp_commands(connection.sent[0])
+    assert [(c[0], c[1], len(c) - 2) for c in commands] == [
+        ("LPUSH", "a", 2),
+        ("LPUSH", "b", 1),
+        ("LPUSH", "celery", 2),
+        ("LPUSH", "a", 1),
+    ]
+    assert connection.replies == 4
+    assert client.connection_pool.released == 1
+    sent = [json.loads(v)["headers"]["id"] for c in commands for v in c[2:]]
     assert sent == [e.emission_id for e in batch]
+
+
+def test_a_failed_send_drops_the_connection_and_reports_nothing_done() -> None:
+    app = Celery(set_as_current=False)
+    app.conf.broker_url = "redis://127.0.0.1:1/0"
+    transport = RedisTransport(app)
+    client = RecordingClient()
+    connection = client.connection_pool.connection
+
+    def broken(chunks: list[bytes]) -> None:
+        raise ConnectionError("reset")
+
+    connection.send_packed_command = broken  # type: ignore[method-assign]
+    transport._client = client  # type: ignore[assignment]
+    done = [0]
+    with pytest.raises(ConnectionError):
+        transport.publish([Emission.create("e", "events.e", (), {}, max_payload_bytes=1000)], done)
+    assert done == [0]
+    assert connection.disconnected
+    assert client.connection_pool.released == 1
+
+
+def test_non_ascii_queue_names_are_counted_in_bytes() -> None:
+    payload = lpush_commands([("qé", ["x"])])
+    assert _parse_resp_commands(payload) == [["LPUSH", "qé", "x"]]
 
 
 def _fn(email: str, **kwargs: Any) -> None: ...
