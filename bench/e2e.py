@@ -98,6 +98,7 @@ def run_e2e(redis: RedisServer, reps: int, n: int = 4_000, skip: int = 400, late
     rates: dict[str, list[float]] = {
         "events_sync": [],
         "plain_sync": [],
+        "plain_acks_late": [],
         "events_async": [],
         "events_asyncio_run": [],
         "plain_asyncio_run": [],
@@ -117,6 +118,7 @@ def run_e2e(redis: RedisServer, reps: int, n: int = 4_000, skip: int = 400, late
             pairs = [
                 ("events_sync", "events.bench_sync", EVENTS_QUEUE),
                 ("plain_sync", "bench.noop", PLAIN_QUEUE),
+                ("plain_acks_late", "bench.noop_late", PLAIN_QUEUE),
                 ("events_async", "events.bench_async", EVENTS_QUEUE),
                 ("events_asyncio_run", "events.bench_asyncio_run", EVENTS_QUEUE),
                 ("plain_asyncio_run", "bench.noop_asyncio_run", PLAIN_QUEUE),
@@ -140,6 +142,7 @@ def run_e2e(redis: RedisServer, reps: int, n: int = 4_000, skip: int = 400, late
         "measured": n - 2 * skip,
         "events_per_s": {name: summary(values) for name, values in rates.items()},
         "ratio_sync": ratio(rates["events_sync"], rates["plain_sync"]),
+        "ratio_sync_vs_acks_late": ratio(rates["events_sync"], rates["plain_acks_late"]),
         "ratio_async": ratio(rates["events_async"], rates["events_asyncio_run"]),
         "ratio_async_vs_plain": ratio(rates["events_async"], rates["plain_asyncio_run"]),
         "latency_rate_per_s": 200,

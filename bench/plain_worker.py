@@ -16,7 +16,7 @@ from celery import Celery
 from bench import worker_profiling
 from litestar_celery_events.celery_app import secure_defaults
 
-__all__ = ("app", "latency", "noop", "noop_asyncio_run")
+__all__ = ("app", "latency", "noop", "noop_asyncio_run", "noop_late")
 
 app = Celery("bench-plain", set_as_current=False)
 app.conf.update(secure_defaults(), broker_url=os.environ.get("BENCH_REDIS_URL", "memory://"))
@@ -25,6 +25,11 @@ app.conf.update(secure_defaults(), broker_url=os.environ.get("BENCH_REDIS_URL", 
 @app.task(name="bench.noop", ignore_result=True)
 def noop(*args: Any, **kwargs: Any) -> None:
     pass
+
+
+@app.task(name="bench.noop_late", ignore_result=True, acks_late=True, reject_on_worker_lost=True)
+def noop_late(*args: Any, **kwargs: Any) -> None:
+    """The no-op with the delivery guarantees event tasks have: acknowledged after it ran."""
 
 
 async def _noop() -> None:

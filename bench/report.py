@@ -156,6 +156,12 @@ def _targets(r: dict[str, Any]) -> list[str]:  # noqa: PLR0915 - one row per tar
             _met(_get(e2e, "ratio_sync", "median"), 0.9),
         )
         row(
+            "… same ÷ a plain no-op task with `acks_late` (the guarantees event tasks have)",
+            f"{_s(e2e.get('ratio_sync_vs_acks_late'))}x ({_s(rates.get('plain_acks_late'), 0)} /s)",
+            "(baseline)",
+            "",
+        )
+        row(
             "… async listener, persistent loop ÷ `asyncio.run()` per task (as a listener)",
             f"{_s(e2e['ratio_async'])}x ({_s(rates['events_async'], 0)} vs "
             f"{_s(rates.get('events_asyncio_run'), 0)} /s)",
