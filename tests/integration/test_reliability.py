@@ -30,8 +30,16 @@ from litestar_celery_events import CeleryEventEmitter
 from litestar_celery_events.failed_store import FailedStore, failed_store_for
 from litestar_celery_events.message import Emission, task_headers
 from tests.apps.reliability import create_app
-from tests.conftest import _port_open, redis_server_binary
-from tests.helpers import ROOT, CeleryProcess, celery_worker, free_port, runs_of, wait_for
+from tests.helpers import (
+    ROOT,
+    CeleryProcess,
+    celery_worker,
+    free_port,
+    port_open,
+    redis_server_binary,
+    runs_of,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -212,7 +220,7 @@ def dead_broker_port(tmp_path: Path) -> Iterator[tuple[int, Any]]:
                 stderr=subprocess.DEVNULL,
             )
         )
-        wait_for(lambda: _port_open("127.0.0.1", port), timeout=10, what="the late redis-server")
+        wait_for(lambda: port_open(port), timeout=10, what="the late redis-server")
 
     yield port, start
     for proc in started:
