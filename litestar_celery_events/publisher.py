@@ -213,16 +213,7 @@ class Publisher:
                 self.published += done[0]
                 self._in_flight = []
                 failures += 1
-                self._transport.close()
-                if failures == 1 or failures % 50 == 0:
-                    logger.warning(
-                        "cannot publish to %s (%s); %d event(s) waiting, retrying",
-                        self._broker,
-                        redact_url(str(exc)),
-                        len(self._buffer),
-                    )
-                self._wakeup.wait(min(MAX_RECONNECT_DELAY_S, 0.05 * 2 ** min(failures, 6)))
-                self._wakeup.clear()
+                self._back_off(exc, failures, f"{len(self._buffer)} event(s) waiting")
                 continue
             if failures:
                 logger.warning("publishing to %s again after %d failed attempt(s)", self._broker, failures)
@@ -238,6 +229,14 @@ class Publisher:
                 rest = started + interval - time.monotonic()
                 if rest > 0:
                     time.sleep(rest)
+
+    def _back_off(self, exc: Exception, failures: int, waiting: str) -> None:
+        """After a failed publish: drop the connection, log now and then, wait (exponential, capped)."""
+        self._transport.close()
+        if failures == 1 or failures % 50 == 0:
+            logger.warning("cannot publish to %s (%s); %s, retrying", self._broker, redact_url(str(exc)), waiting)
+        self._wakeup.wait(min(MAX_RECONNECT_DELAY_S, 0.05 * 2 ** min(failures, 6)))
+        self._wakeup.clear()
 
     def _publish_stalled(self) -> bool:
         """True once the same batch has been in flight for ``SPOOL_WHEN_STALLED_S`` (seen from ``emit``)."""
@@ -283,16 +282,7 @@ class Publisher:
                 spool.published(source, rows[done[0] - 1][0])
                 self.published += done[0]
             failures += 1
-            self._transport.close()
-            if failures == 1 or failures % 50 == 0:
-                logger.warning(
-                    "cannot publish to %s (%s); %d event(s) in the spool, retrying",
-                    self._broker,
-                    redact_url(str(exc)),
-                    spool.depth,
-                )
-            self._wakeup.wait(min(MAX_RECONNECT_DELAY_S, 0.05 * 2 ** min(failures, 6)))
-            self._wakeup.clear()
+            self._back_off(exc, failures, f"{spool.depth} event(s) in the spool")
             return failures
         spool.published(source, rows[-1][0])
         self.published += len(batch)
