@@ -189,7 +189,7 @@ def _install_task_context(celery_app: Celery, config: CeleryEventsConfig) -> Non
         stack = contextlib.ExitStack()
         stack.enter_context(_log_context(event_id, emission_id, listener))
         span = token = None
-        if otel is not None and tracer is not None:
+        if otel is not None and tracer is not None and _sdk_configured(otel[0]):
             span, token = _start_task_span(otel, tracer, task, task_id, event_id, emission_id, listener)
         active[task_id] = (span, token, stack)
 
@@ -224,6 +224,11 @@ def _install_task_context(celery_app: Celery, config: CeleryEventsConfig) -> Non
     signals.task_failure.connect(failed, weak=False)
     signals.before_task_publish.connect(before_publish, weak=False)
     invoke.around_listener = _listener_scope(tracer, otel)
+
+
+def _sdk_configured(trace: Any) -> bool:
+    """False until an SDK tracer provider is set: spans would record nothing, so skip their cost."""
+    return not isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
 
 def _start_task_span(
