@@ -12,7 +12,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # Dependencies first, so editing the code does not reinstall them.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY litestar_celery_events ./litestar_celery_events
 COPY worker ./worker
 RUN pip install '.[flower]' 'uvicorn>=0.30'

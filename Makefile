@@ -20,6 +20,7 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check litestar_celery_events worker demo
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports  # the layers and the no-cycle rule (pyproject.toml [tool.importlinter])
 
 test: lint
 	$(PY) -m pytest
@@ -28,7 +29,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
 
-# Every benchmark of issue 6 side by side (~6-8 min); writes bench/results/results.{md,json}.
+# Every benchmark side by side (~6-8 min); writes bench/results/results.{md,json}.
 bench: $(VENV)/.bench-installed
 	$(PY) -m bench
 

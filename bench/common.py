@@ -22,7 +22,7 @@ from typing import Any
 
 import redis
 
-from tests.helpers import LoggedProcess, free_port, port_open, redis_server_binary, wait_for
+from harness import LoggedProcess, free_port, port_open, redis_server_binary, wait_for
 
 __all__ = (
     "ROOT",

@@ -34,7 +34,7 @@ def fill(redis: RedisServer, task_name: str, queue: str, n: int) -> None:
     """Put ``n`` Celery task messages for ``task_name`` on ``queue``, pipelined."""
     from celery import Celery
 
-    from litestar_celery_events.message import Emission
+    from litestar_celery_events.contract.message import Emission
     from litestar_celery_events.transports.redis import RedisTransport
 
     app = Celery(set_as_current=False)

@@ -56,7 +56,7 @@ def profile_emit(redis: RedisServer) -> str:
 
 def profile_publish(redis: RedisServer) -> str:
     from bench.inprocess import PUBLISH_QUEUE, _events_emitter
-    from litestar_celery_events.message import Emission
+    from litestar_celery_events.contract.message import Emission
     from litestar_celery_events.transports import transport_for
 
     emitter = _events_emitter(redis.url, PUBLISH_QUEUE)

@@ -285,7 +285,7 @@ def render(results: dict[str, Any]) -> str:
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         "",
         "Every comparison runs side by side in the same run; ratios are per repetition, then the median "
-        "(min-max). Targets are goals from issue 6, measured, not timed tests.",
+        "(min-max). Targets are the project's goals, measured, not timed tests.",
         "",
         *_targets(results),
         *_details(results),

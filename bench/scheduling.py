@@ -31,7 +31,7 @@ from litestar import Litestar
 
 from bench.common import CeleryWorker, RedisServer, machine, percentile, versions, wait_for
 from litestar_celery_events import CeleryEventEmitter, CeleryEventsConfig, CeleryEventsPlugin, emit_later, listener
-from litestar_celery_events.schedule_store import redis_keys
+from litestar_celery_events.stores.schedule import redis_keys
 
 __all__ = ("create_app", "run")
 

@@ -30,8 +30,8 @@ from typing import Any
 import redis
 from litestar import Litestar
 
+from harness import free_port, redis_server_binary
 from litestar_celery_events import CeleryEventsConfig, CeleryEventsPlugin, RetryPolicy, listener
-from tests.helpers import free_port, redis_server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 LEDGER_ENV = "SOAK_LEDGER_URL"
@@ -158,7 +158,7 @@ def main() -> None:  # noqa: PLR0915 - a script that reads top to bottom
 
     from litestar.testing import TestClient
 
-    from litestar_celery_events.failed_store import failed_store_for
+    from litestar_celery_events.stores.failed import failed_store_for
 
     workdir = Path(tempfile.mkdtemp(prefix="soak-"))
     port = free_port()

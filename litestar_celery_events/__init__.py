@@ -1,6 +1,16 @@
-"""Run Litestar event listeners on Celery workers: retries, persistence, Flower."""
+"""Run Litestar event listeners on Celery workers: retries, persistence, Flower.
+
+``create_worker_app`` and ``load_litestar_app`` load lazily: importing this package (the web
+process) never loads the worker runtime.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from litestar_celery_events.config import CeleryEventsConfig, RetryPolicy
+from litestar_celery_events.contract.payloads import EventDeclaration, PayloadValidationError, declare_event
+from litestar_celery_events.contract.periodic import PeriodicEvent
 from litestar_celery_events.emitter import CeleryEventEmitter
 from litestar_celery_events.errors import (
     EmitterNotRunningError,
@@ -8,12 +18,14 @@ from litestar_celery_events.errors import (
     EventPayloadError,
     ListenerSignatureError,
     PayloadTooLargeError,
+    PluginNotInstalledError,
 )
 from litestar_celery_events.listeners import CeleryEventListener, listener
-from litestar_celery_events.payloads import EventDeclaration, PayloadValidationError, declare_event
 from litestar_celery_events.plugin import CeleryEventsPlugin
-from litestar_celery_events.runtime.worker_app import create_worker_app, load_litestar_app
-from litestar_celery_events.scheduling import PeriodicEvent, ScheduleError, cancel_scheduled, emit_later
+from litestar_celery_events.scheduling import ScheduleError, cancel_scheduled, emit_later
+
+if TYPE_CHECKING:
+    from litestar_celery_events.runtime.app import create_worker_app, load_litestar_app
 
 __all__ = (
     "CeleryEventEmitter",
@@ -28,6 +40,7 @@ __all__ = (
     "PayloadTooLargeError",
     "PayloadValidationError",
     "PeriodicEvent",
+    "PluginNotInstalledError",
     "RetryPolicy",
     "ScheduleError",
     "cancel_scheduled",
@@ -37,3 +50,13 @@ __all__ = (
     "listener",
     "load_litestar_app",
 )
+
+_WORKER_SIDE = frozenset({"create_worker_app", "load_litestar_app"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WORKER_SIDE:
+        from litestar_celery_events.runtime import app  # the worker runtime, loaded on first use only
+
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 
+from litestar_celery_events.brokers import is_embedded_url, is_redis_url
+
 if TYPE_CHECKING:
     from litestar_celery_events.config import CeleryEventsConfig
 
@@ -50,7 +52,7 @@ def build_celery_app(config: CeleryEventsConfig, main: str = "litestar_celery_ev
     if config.celery_app is None:
         settings["broker_url"] = config.resolved_broker_url
         settings["timezone"] = config.timezone
-    if config.resolved_broker_url.startswith("filesystem://"):
+    if is_embedded_url(config.resolved_broker_url):
         settings["broker_transport_options"] = _embedded_transport_options(config)
         # The filesystem transport has no fanout exchange: no remote control, no broadcast.
         settings["worker_enable_remote_control"] = False
@@ -60,7 +62,7 @@ def build_celery_app(config: CeleryEventsConfig, main: str = "litestar_celery_ev
     settings.update(config.celery_config)
     if embedded_options:  # the embedded broker's folders stay, whatever else celery_config sets
         settings["broker_transport_options"] = {**embedded_options, **settings["broker_transport_options"]}
-    redis = config.resolved_broker_url.startswith(("redis://", "rediss://"))
+    redis = is_redis_url(config.resolved_broker_url)
     if redis and "broker_transport_options" not in settings and not app.conf.broker_transport_options:
         settings["broker_transport_options"] = dict(REDIS_TRANSPORT_DEFAULTS)  # yours, if any, are kept as they are
     app.conf.update(settings)

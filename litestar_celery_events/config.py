@@ -3,47 +3,40 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from litestar_celery_events.brokers import embedded_broker_url
+from litestar_celery_events.contract.events import event_task_name, listener_task_name
+
 if TYPE_CHECKING:
     from celery import Celery
 
-    from litestar_celery_events.payloads import EventDeclaration
-    from litestar_celery_events.scheduling import PeriodicEvent
+    from litestar_celery_events.contract.payloads import EventDeclaration
+    from litestar_celery_events.contract.periodic import PeriodicEvent
 
 __all__ = (
     "BROKER_URL_ENV",
+    "LITESTAR_APP_ENV",
+    "LOG_FORMAT_ENV",
     "DEFAULT_FLUSH_TIMEOUT_S",
     "CeleryEventsConfig",
     "RetryPolicy",
-    "embedded_broker_url",
-    "redact_url",
 )
 
 BROKER_URL_ENV = "CELERY_BROKER_URL"
+LITESTAR_APP_ENV = "LITESTAR_APP"
+"""``module:attribute`` of the Litestar app a worker loads (Litestar CLI's convention)."""
+LOG_FORMAT_ENV = "CELERY_EVENTS_LOG_FORMAT"
+"""``json``: the worker writes each log record as one JSON object per line."""
 DATA_DIR_ENV = "CELERY_EVENTS_DATA_DIR"
 DEFAULT_DATA_DIR = ".celery-events"
 DEFAULT_FLUSH_TIMEOUT_S = 5.0
 DEFAULT_MAX_BUFFERED_EVENTS = 100_000
 DEFAULT_MAX_PAYLOAD_BYTES = 1_000_000
 DEFAULT_MAX_SPOOLED_EVENTS = 1_000_000
-MAX_EVENT_ID_LENGTH = 200
-
-_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z0-9+.\-]+://[^:/@\s]*:)(?P<secret>\S+)(?P<tail>@)", re.IGNORECASE)
-
-
-def redact_url(text: str) -> str:
-    """Replace the password of every URL in ``text`` with ``***``: broker secrets never reach logs."""
-    return _PASSWORD_IN_URL.sub(r"\g<head>***\g<tail>", text)
-
-
-def embedded_broker_url() -> str:
-    """The server-less default broker: kombu's filesystem transport (folders set in transport options)."""
-    return "filesystem://"
 
 
 @dataclass(frozen=True)
@@ -172,7 +165,7 @@ class CeleryEventsConfig:
         return self.broker_url or os.environ.get(BROKER_URL_ENV) or embedded_broker_url()
 
     def event_task_name(self, event_id: str) -> str:
-        return f"{self.task_name_prefix}.{event_id}"
+        return event_task_name(self.task_name_prefix, event_id)
 
     def listener_task_name(self, event_id: str, listener_name: str) -> str:
-        return f"{self.task_name_prefix}.{event_id}[{listener_name}]"
+        return listener_task_name(self.task_name_prefix, event_id, listener_name)

@@ -15,9 +15,9 @@ from litestar.events import BaseEventEmitterBackend
 
 from litestar_celery_events.celery_app import build_celery_app
 from litestar_celery_events.config import CeleryEventsConfig
-from litestar_celery_events.errors import EmitterNotRunningError
+from litestar_celery_events.contract.message import Emission
+from litestar_celery_events.errors import EmitterNotRunningError, PluginNotInstalledError
 from litestar_celery_events.listeners import ListenerRegistry
-from litestar_celery_events.message import Emission
 from litestar_celery_events.publisher import Publisher
 from litestar_celery_events.tracing import emission_tracer
 
@@ -26,9 +26,10 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from celery import Celery
+    from litestar import Litestar
     from litestar.events import EventListener
 
-__all__ = ("CeleryEventEmitter",)
+__all__ = ("CeleryEventEmitter", "emitter_of")
 
 logger = logging.getLogger("litestar_celery_events")
 
@@ -116,3 +117,11 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
     def submit(self, emission: Emission) -> str:
         self.publisher.submit(emission)
         return emission.emission_id
+
+
+def emitter_of(app: Litestar) -> CeleryEventEmitter:
+    """The emitter of ``app``; ``PluginNotInstalledError`` when the app has no ``CeleryEventsPlugin``."""
+    emitter = app.event_emitter
+    if not isinstance(emitter, CeleryEventEmitter):
+        raise PluginNotInstalledError
+    return emitter

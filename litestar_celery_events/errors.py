@@ -8,6 +8,7 @@ __all__ = (
     "EventPayloadError",
     "ListenerSignatureError",
     "PayloadTooLargeError",
+    "PluginNotInstalledError",
 )
 
 
@@ -29,3 +30,10 @@ class EmitterNotRunningError(RuntimeError):
 
 class EventBufferFullError(RuntimeError):
     """The publisher's buffer is full (broker away for long) and the policy is ``raise``."""
+
+
+class PluginNotInstalledError(TypeError):
+    """The Litestar app has no ``CeleryEventsPlugin`` (its emitter is not this library's)."""
+
+    def __init__(self) -> None:
+        super().__init__("this Litestar app has no CeleryEventsPlugin: add plugins=[CeleryEventsPlugin(config)]")

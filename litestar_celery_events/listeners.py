@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 from litestar.events import EventListener
 from litestar.exceptions import ImproperlyConfiguredException
 
+from litestar_celery_events.contract.events import validate_event_id
+from litestar_celery_events.contract.payloads import EventPayload, ListenerPayload, listener_payload
 from litestar_celery_events.errors import ListenerSignatureError
-from litestar_celery_events.payloads import EventPayload, ListenerPayload, listener_payload
 
 if TYPE_CHECKING:
     from litestar_celery_events.config import CeleryEventsConfig
-    from litestar_celery_events.payloads import EventDeclaration
+    from litestar_celery_events.contract.payloads import EventDeclaration
 
 __all__ = (
     "CELERY_TASK_OPTIONS",
@@ -31,7 +32,6 @@ __all__ = (
     "ListenerSpec",
     "listener",
     "original_function",
-    "validate_event_id",
 )
 
 logger = logging.getLogger("litestar_celery_events")
@@ -42,20 +42,8 @@ RETRY_TASK_OPTIONS = frozenset(
 ROUTED_TASK_OPTIONS = frozenset({"queue", "rate_limit", "time_limit", "soft_time_limit", "priority"})
 """Options that only a task of its own can honour: such a listener runs as a separate task."""
 CELERY_TASK_OPTIONS = RETRY_TASK_OPTIONS | ROUTED_TASK_OPTIONS | {"acks_late", "reject_on_worker_lost"}
-MAX_EVENT_ID_LENGTH = 200
 MAX_REMEMBERED_SHAPES = 4096
 """Argument shapes (event, positional count, keyword names) known to fit, kept by ``check_arguments``."""
-
-
-def validate_event_id(event_id: object) -> str:
-    """Event ids are stable contracts: non-empty strings without whitespace or control characters."""
-    if not isinstance(event_id, str) or not event_id:
-        raise ImproperlyConfiguredException(f"event id must be a non-empty string, got {event_id!r}")
-    if len(event_id) > MAX_EVENT_ID_LENGTH:
-        raise ImproperlyConfiguredException(f"event id is longer than {MAX_EVENT_ID_LENGTH} characters: {event_id!r}")
-    if any(c.isspace() or not c.isprintable() for c in event_id):
-        raise ImproperlyConfiguredException(f"event id must not contain whitespace or control characters: {event_id!r}")
-    return event_id
 
 
 class CeleryEventListener(EventListener):

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from litestar_celery_events.config import redact_url
+from litestar_celery_events.brokers import redact_url
 from litestar_celery_events.errors import EventBufferFullError
 from litestar_celery_events.transports import Transport, transport_for
 
@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from litestar_celery_events.config import CeleryEventsConfig
-    from litestar_celery_events.message import Emission
-    from litestar_celery_events.spool import Spool
+    from litestar_celery_events.contract.message import Emission
+    from litestar_celery_events.stores.spool import Spool
 
 __all__ = ("Publisher",)
 
@@ -62,7 +62,7 @@ class Publisher:
         self.dropped = 0
         self.spool: Spool | None = None
         if config.spool:
-            from litestar_celery_events.spool import Spool
+            from litestar_celery_events.stores.spool import Spool
 
             self.spool = Spool(config)
         self._spool_after = config.spool_after_events

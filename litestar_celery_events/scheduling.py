@@ -12,24 +12,15 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from celery.schedules import crontab
-from celery.schedules import schedule as celery_schedule
-
-from litestar_celery_events.listeners import validate_event_id
-from litestar_celery_events.schedule_store import (
-    RedisScheduleStore,
-    ScheduleStore,
-    SqliteScheduleStore,
-    eta_of,
-)
+from litestar_celery_events.brokers import redact_url
+from litestar_celery_events.contract.periodic import PeriodicEvent
+from litestar_celery_events.emitter import emitter_of
+from litestar_celery_events.stores.schedule import RedisScheduleStore, ScheduleStore, eta_of, schedule_store_for
 
 if TYPE_CHECKING:
-    from celery import Celery
     from litestar import Litestar
 
     from litestar_celery_events.emitter import CeleryEventEmitter
@@ -40,7 +31,6 @@ __all__ = (
     "ScheduleError",
     "cancel_scheduled",
     "emit_later",
-    "schedule_store_for",
     "scheduling_status",
 )
 
@@ -54,63 +44,6 @@ BROADCAST_SCHEMES = ("amqp://", "amqps://", "pyamqp://", "librabbitmq://")
 
 class ScheduleError(ValueError):
     """``emit_later`` got no, two, or an unusable due time; nothing was enqueued."""
-
-
-@dataclass(frozen=True)
-class PeriodicEvent:
-    """An event ``celery -A worker beat`` emits on a schedule, as an ordinary event.
-
-    ``schedule`` is a Celery ``crontab`` (evaluated in ``CeleryEventsConfig.timezone``), a
-    ``timedelta`` or a number of seconds; intervals tick on multiples of their length since the
-    Unix epoch, so every beat process agrees on the ticks.
-    """
-
-    event_id: str
-    schedule: crontab | timedelta | float
-    args: tuple[Any, ...] = ()
-    kwargs: Mapping[str, Any] | None = None
-    name: str | None = None
-    """Identity of the schedule (its ticks are deduplicated by name); default ``<event_id>@<schedule>``."""
-    interval_s: float | None = field(init=False, default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        validate_event_id(self.event_id)
-        interval: float | None = None
-        if isinstance(self.schedule, crontab):
-            label = " ".join(str(self.schedule).split()[1:6])
-        else:
-            if isinstance(self.schedule, celery_schedule):
-                interval = self.schedule.run_every.total_seconds()
-            elif isinstance(self.schedule, timedelta):
-                interval = self.schedule.total_seconds()
-            elif isinstance(self.schedule, (int, float)) and not isinstance(self.schedule, bool):
-                interval = float(self.schedule)
-            else:
-                raise TypeError(
-                    f"PeriodicEvent {self.event_id!r}: schedule must be a celery crontab, a timedelta or seconds, "
-                    f"got {type(self.schedule).__name__}"
-                )
-            if not math.isfinite(interval) or interval <= 0:
-                raise ValueError(f"PeriodicEvent {self.event_id!r}: the interval must be positive, got {interval}")
-            label = f"every {interval:g}s"
-        object.__setattr__(self, "interval_s", interval)
-        object.__setattr__(self, "args", tuple(self.args))
-        object.__setattr__(self, "kwargs", dict(self.kwargs or {}))
-        if self.name is None:
-            object.__setattr__(self, "name", f"{self.event_id}@{label}")
-
-    @property
-    def key(self) -> str:
-        return str(self.name)
-
-
-def _emitter_of(app: Litestar) -> CeleryEventEmitter:
-    from litestar_celery_events.emitter import CeleryEventEmitter
-
-    emitter = getattr(app, "event_emitter", app)
-    if not isinstance(emitter, CeleryEventEmitter):
-        raise TypeError("this Litestar app has no CeleryEventsPlugin: add plugins=[CeleryEventsPlugin(config)]")
-    return emitter
 
 
 def _due_time(event_id: str, delay: float | timedelta | None, at: datetime | None, now: float) -> float:
@@ -198,25 +131,8 @@ def _scheduled_of(emitter: CeleryEventEmitter) -> _Scheduled:
     return state
 
 
-def schedule_store_for(celery_app: Celery, data_dir: Any, timeout_s: float | None = None) -> ScheduleStore:
-    """The broker-side store on Redis brokers; otherwise the SQLite fallback under ``data_dir``."""
-    from pathlib import Path
-
-    from litestar_celery_events.transports.redis import REDIS_SCHEMES
-
-    url = str(celery_app.conf.broker_url)
-    if url.startswith(REDIS_SCHEMES):
-        options = dict(celery_app.conf.broker_transport_options or {})
-        if timeout_s is None:
-            return RedisScheduleStore(url, options.get("global_keyprefix", ""))
-        return RedisScheduleStore(url, options.get("global_keyprefix", ""), timeout_s)
-    return SqliteScheduleStore(Path(data_dir) / "scheduling.sqlite3")
-
-
 def scheduling_status(emitter: CeleryEventEmitter, timeout_s: float) -> dict[str, Any]:
     """For ``events status``: where delayed events wait (and how many), and each periodic event's last tick."""
-    from litestar_celery_events.config import redact_url
-
     store = schedule_store_for(emitter.celery_app, emitter.config.resolved_data_dir, timeout_s)
     status: dict[str, Any] = {
         "delayed_events_wait_in": "redis store" if isinstance(store, RedisScheduleStore) else "workers (Celery eta)",
@@ -252,7 +168,7 @@ def emit_later(
     No network I/O here: the publisher thread writes it (so ``delay`` and ``at`` cannot be
     listener argument names).
     """
-    emitter = _emitter_of(app)
+    emitter = emitter_of(app)
     due = _due_time(event_id, delay, at, time.time())
     emission = emitter.prepare(event_id, args, kwargs)
     emission.eta = eta_of(due)
@@ -268,7 +184,7 @@ def cancel_scheduled(app: Litestar, emission_id: str) -> bool:
     One round trip to the store on the caller's thread (it has to answer): from an async handler
     on a broker that may be slow, call it through ``anyio.to_thread.run_sync``.
     """
-    emitter = _emitter_of(app)
+    emitter = emitter_of(app)
     state = _scheduled_of(emitter)
     removed = state.store.cancel(emission_id)
     not_due_here = state.forget_if_not_due(emission_id)

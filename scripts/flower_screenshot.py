@@ -33,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a file (make screenshot): the repo's helpers are importable
 
-from tests.helpers import free_port, port_open, redis_server_binary  # noqa: E402 - after the path is set
+from harness import free_port, port_open, redis_server_binary  # noqa: E402 - after the path is set
 
 NODE_SCRIPT = ROOT / "scripts" / "screenshot" / "flower.mjs"
 DEMO_REQUESTS = [

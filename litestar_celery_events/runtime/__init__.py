@@ -1,5 +1,3 @@
-"""Runs only inside a Celery worker: loads the Litestar app, registers one task per event."""
-
-from litestar_celery_events.runtime.worker_app import LITESTAR_APP_ENV, create_worker_app, load_litestar_app
-
-__all__ = ("LITESTAR_APP_ENV", "create_worker_app", "load_litestar_app")
+"""Runs only inside ``celery -A worker worker|beat`` (and ``inline_events``): the worker's Celery app,
+the event and listener tasks, listener calls, the event loop, failures, refused messages, the
+delayed-event mover and beat's scheduler. The web side never imports this package."""

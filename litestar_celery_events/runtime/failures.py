@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import logging
-import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from litestar_celery_events.config import redact_url
+from litestar_celery_events.brokers import redact_url
+from litestar_celery_events.contract.failures import ListenerFailure
 
 if TYPE_CHECKING:
-    from litestar_celery_events.failed_store import FailedStore
+    from litestar_celery_events.stores.failed import FailedStore
 
-__all__ = ("ListenerFailure", "add_failure_sink", "record_failures_in", "remove_failure_sink", "report_failure")
+__all__ = (
+    "ListenerFailure",
+    "add_failure_sink",
+    "failure_from_exception",
+    "record_failures_in",
+    "remove_failure_sink",
+    "report_failure",
+)
 
 logger = logging.getLogger("litestar_celery_events.worker")
 
@@ -22,35 +28,14 @@ FailureSink = Callable[["ListenerFailure"], None]
 _sinks: list[FailureSink] = []
 
 
-@dataclass
-class ListenerFailure:
-    """A listener run that failed for good: retries exhausted, or an error no retry can fix."""
-
-    event_id: str
-    emission_id: str
-    listener: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-    exc_type: str
-    message: str
-    traceback: str
-    attempts: int
-    permanent: bool
-    """True when retrying could not help (signature mismatch, unknown listener)."""
-    emitted_at: float | None = None
-    failed_at: float = field(default_factory=time.time)
-
-    @classmethod
-    def from_exception(cls, exc: BaseException, **fields: Any) -> ListenerFailure:
-        return cls(
-            exc_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-            message=redact_url(str(exc)),  # a listener's error may quote a URL with its password
-            traceback=redact_url("".join(traceback.format_exception(exc))),
-            **fields,
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+def failure_from_exception(exc: BaseException, **fields: Any) -> ListenerFailure:
+    """The record of ``exc``, secrets redacted (a listener's error may quote a URL with its password)."""
+    return ListenerFailure(
+        exc_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+        message=redact_url(str(exc)),
+        traceback=redact_url("".join(traceback.format_exception(exc))),
+        **fields,
+    )
 
 
 def add_failure_sink(sink: FailureSink) -> None:

@@ -17,8 +17,8 @@ from celery import bootsteps, signals
 from celery.exceptions import NotRegistered
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-from litestar_celery_events.message import CONTENT_TYPE, EMITTED_AT_HEADER, EVENT_HEADER
-from litestar_celery_events.runtime.failures import ListenerFailure, report_failure
+from litestar_celery_events.contract.message import CONTENT_TYPE, EMITTED_AT_HEADER, EVENT_HEADER
+from litestar_celery_events.runtime.failures import ListenerFailure, failure_from_exception, report_failure
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -47,7 +47,7 @@ def _json_arguments(message: Any) -> tuple[list[Any], dict[str, Any]]:
 def _refused(message: Any, exc: BaseException, task_name: str | None, task_id: str | None) -> ListenerFailure:
     headers = dict(getattr(message, "headers", None) or {})
     args, kwargs = _json_arguments(message)
-    return ListenerFailure.from_exception(
+    return failure_from_exception(
         exc,
         event_id=str(headers.get(EVENT_HEADER) or task_name or headers.get("task") or "?"),
         emission_id=str(task_id or headers.get("root_id") or headers.get("id") or "?"),

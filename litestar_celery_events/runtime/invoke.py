@@ -12,21 +12,23 @@ from litestar_celery_events.runtime.event_loop import run_coroutine
 if TYPE_CHECKING:
     from litestar_celery_events.listeners import ListenerSpec
 
-__all__ = ("around_listener", "call_listener")
+__all__ = ("call_listener",)
 
 logger = logging.getLogger("litestar_celery_events.worker")
 
-around_listener: Callable[[ListenerSpec], AbstractContextManager[Any]] | None = None
-"""Wraps each listener call (a trace span, the listener in the log context); set by ``tracing``."""
 
-
-def call_listener(spec: ListenerSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Run ``spec``; its exceptions propagate (that is what makes Celery retry).
-
-    Typed parameters are rebuilt from their JSON first (``PayloadDecodeError`` if one does not fit).
+def call_listener(
+    spec: ListenerSpec,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    scope: Callable[[ListenerSpec], AbstractContextManager[Any]] | None = None,
+) -> None:
+    """Run ``spec`` inside ``scope`` (a trace span, the log context); its exceptions propagate (that
+    is what makes Celery retry). Typed parameters are rebuilt from their JSON first
+    (``PayloadDecodeError`` if one does not fit).
     """
-    if around_listener is not None:
-        with around_listener(spec):
+    if scope is not None:
+        with scope(spec):
             _call(spec, args, kwargs)
     else:
         _call(spec, args, kwargs)

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 from celery.utils.time import get_exponential_backoff_interval
 
-from litestar_celery_events.message import EMITTED_AT_HEADER, EVENT_HEADER, LISTENERS_HEADER
-from litestar_celery_events.payloads import PayloadDecodeError
-from litestar_celery_events.runtime.failures import ListenerFailure, report_failure
+from litestar_celery_events.contract.message import EMITTED_AT_HEADER, EVENT_HEADER, LISTENERS_HEADER
+from litestar_celery_events.contract.payloads import PayloadDecodeError
+from litestar_celery_events.errors import ListenerSignatureError
+from litestar_celery_events.runtime.failures import ListenerFailure, failure_from_exception, report_failure
 from litestar_celery_events.runtime.invoke import call_listener
-from litestar_celery_events.runtime.scheduler import cancelled_before_run
+from litestar_celery_events.runtime.mover import cancelled_before_run
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
     from litestar_celery_events.config import CeleryEventsConfig
     from litestar_celery_events.listeners import ListenerRegistry, ListenerSpec
+    from litestar_celery_events.runtime.observability import ListenerScope
 
 __all__ = ("register_event_tasks",)
 
@@ -35,11 +37,7 @@ logger = logging.getLogger("litestar_celery_events.worker")
 AT_LEAST_ONCE = {"acks_late": True, "reject_on_worker_lost": True, "ignore_result": True}
 
 
-class ListenerSignatureMismatch(TypeError):
-    """The emitted arguments do not fit the listener: retrying cannot help."""
-
-
-PERMANENT_ERRORS = (ListenerSignatureMismatch, PayloadDecodeError)
+PERMANENT_ERRORS = (ListenerSignatureError, PayloadDecodeError)
 """The arguments do not fit the listener (its signature or a typed parameter): never retried."""
 
 
@@ -61,7 +59,7 @@ def first_retry_countdown(options: Mapping[str, Any]) -> float:
 def _check_arguments(spec: ListenerSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     problem = spec.argument_problem(args, kwargs)
     if problem is not None:
-        raise ListenerSignatureMismatch(f"listener {spec.name} {problem}")
+        raise ListenerSignatureError(f"listener {spec.name} {problem}")
 
 
 def _failure(
@@ -70,7 +68,7 @@ def _failure(
     # After a hard time limit Celery calls on_failure in the main process: no request context
     # there, so the emission id comes from the listener task's id (``<emission id>:<listener>``).
     request = task.request
-    return ListenerFailure.from_exception(
+    return failure_from_exception(
         exc,
         event_id=request.get(EVENT_HEADER) or getattr(task, "event_id", None) or task.name,
         emission_id=str(request.get("root_id") or request.id or (task_id or "?").removesuffix(f":{spec_name}")),
@@ -95,10 +93,12 @@ class ListenerTask(Task):  # type: ignore[misc]
         report_failure(_failure(self, self.spec.name, exc, args, kwargs, attempts=attempts, task_id=task_id))
 
 
-def _register_listener_task(celery_app: Celery, config: CeleryEventsConfig, event_id: str, spec: ListenerSpec) -> Task:
+def _register_listener_task(
+    celery_app: Celery, config: CeleryEventsConfig, event_id: str, spec: ListenerSpec, scope: ListenerScope | None
+) -> Task:
     def run_listener(self: ListenerTask, *args: Any, **kwargs: Any) -> None:
         _check_arguments(spec, args, kwargs)
-        call_listener(spec, args, kwargs)
+        call_listener(spec, args, kwargs, scope)
 
     options = {**spec.task_options, **{k: v for k, v in AT_LEAST_ONCE.items() if k not in spec.task_options}}
     task: Task = celery_app.task(
@@ -119,6 +119,7 @@ def _register_event_task(
     event_id: str,
     specs: tuple[ListenerSpec, ...],
     listener_tasks: dict[str, Task],
+    scope: ListenerScope | None,
 ) -> Task:
     def run_event(self: Task, *args: Any, **kwargs: Any) -> None:
         if cancelled_before_run(self):  # emit_later on a broker without the delayed store
@@ -139,7 +140,7 @@ def _register_event_task(
                 continue
             try:
                 _check_arguments(spec, args, kwargs)
-                call_listener(spec, args, kwargs)
+                call_listener(spec, args, kwargs, scope)
             except Exception as exc:  # noqa: BLE001 - each listener fails on its own
                 _escalate(self, spec, listener_task, exc, args, kwargs)
 
@@ -187,11 +188,15 @@ def _headers(request: Any) -> dict[str, Any]:
     return {EVENT_HEADER: request.get(EVENT_HEADER), EMITTED_AT_HEADER: request.get(EMITTED_AT_HEADER)}
 
 
-def register_event_tasks(celery_app: Celery, registry: ListenerRegistry, config: CeleryEventsConfig) -> list[str]:
-    """Register the tasks of every event in ``registry``; return their names."""
+def register_event_tasks(
+    celery_app: Celery, registry: ListenerRegistry, config: CeleryEventsConfig, scope: ListenerScope | None = None
+) -> list[str]:
+    """Register the tasks of every event in ``registry`` (each listener call inside ``scope``); return their names."""
     names: list[str] = []
     for event_id, specs in registry.by_event.items():
-        listener_tasks = {spec.name: _register_listener_task(celery_app, config, event_id, spec) for spec in specs}
-        names.append(_register_event_task(celery_app, config, event_id, specs, listener_tasks).name)
+        listener_tasks = {
+            spec.name: _register_listener_task(celery_app, config, event_id, spec, scope) for spec in specs
+        }
+        names.append(_register_event_task(celery_app, config, event_id, specs, listener_tasks, scope).name)
         names.extend(task.name for task in listener_tasks.values())
     return names

@@ -7,7 +7,7 @@ import socket
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from litestar_celery_events.message import Emission
+    from litestar_celery_events.contract.message import Emission
 
 __all__ = ("Transport", "origin_nodename")
 

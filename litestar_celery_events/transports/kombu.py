@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from kombu import Producer
 
-from litestar_celery_events.message import CONTENT_ENCODING, CONTENT_TYPE, Emission, task_headers
+from litestar_celery_events.contract.message import CONTENT_ENCODING, CONTENT_TYPE, Emission, task_headers
 from litestar_celery_events.transports.base import origin_nodename
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from litestar_celery_events.message import (
+from litestar_celery_events.contract.message import (
     CONTENT_ENCODING,
     CONTENT_TYPE,
     EMITTED_AT_HEADER,
@@ -24,15 +24,14 @@ from litestar_celery_events.message import (
     short_repr,
     task_headers,
 )
-from litestar_celery_events.schedule_store import due_timestamp, stage_delayed
+from litestar_celery_events.stores.schedule import due_timestamp, stage_delayed
 from litestar_celery_events.transports.base import origin_nodename
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ("REDIS_SCHEMES", "RedisTransport", "lpush_commands", "redis_envelope")
+__all__ = ("RedisTransport", "lpush_commands", "redis_envelope")
 
-REDIS_SCHEMES = ("redis://", "rediss://")
 SOCKET_TIMEOUT_S = 10.0
 
 

@@ -27,8 +27,8 @@ from litestar.cli.main import litestar_group
 from litestar.testing import TestClient
 
 from litestar_celery_events import CeleryEventEmitter
-from litestar_celery_events.failed_store import FailedStore, failed_store_for
-from litestar_celery_events.message import Emission, task_headers
+from litestar_celery_events.contract.message import Emission, task_headers
+from litestar_celery_events.stores.failed import FailedStore, failed_store_for
 from tests.apps.reliability import create_app
 from tests.helpers import (
     ROOT,

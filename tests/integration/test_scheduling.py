@@ -17,7 +17,7 @@ import redis
 from litestar.testing import TestClient
 
 from litestar_celery_events import cancel_scheduled, emit_later
-from litestar_celery_events.schedule_store import RedisScheduleStore, redis_keys, stage_delayed
+from litestar_celery_events.stores.schedule import RedisScheduleStore, redis_keys, stage_delayed
 from tests.apps.recording import create_app
 from tests.helpers import CeleryProcess, celery_worker, runs_of, wait_for
 

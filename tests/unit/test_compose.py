@@ -19,9 +19,7 @@ import yaml
 from flower.options import options as flower_options
 
 from litestar_celery_events.cli import FLOWER_TASKS_COLUMNS
-from litestar_celery_events.config import BROKER_URL_ENV, DATA_DIR_ENV
-from litestar_celery_events.runtime.worker_app import LITESTAR_APP_ENV
-from litestar_celery_events.tracing import LOG_FORMAT_ENV
+from litestar_celery_events.config import BROKER_URL_ENV, DATA_DIR_ENV, LITESTAR_APP_ENV, LOG_FORMAT_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((ROOT / "tests" / "compose" / "compose-spec.json").read_text())

@@ -6,8 +6,8 @@ import pytest
 from celery import Celery
 
 from litestar_celery_events import CeleryEventsConfig
+from litestar_celery_events.brokers import redact_url
 from litestar_celery_events.celery_app import build_celery_app
-from litestar_celery_events.config import redact_url
 
 
 def test_broker_url_argument_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from litestar_celery_events import CeleryEventsConfig
-from litestar_celery_events.failed_store import (
+from litestar_celery_events.runtime.failures import ListenerFailure, failure_from_exception
+from litestar_celery_events.stores.failed import (
     FailedStore,
     RedisFailedStore,
     SqliteFailedStore,
     failed_store_for,
     record_id,
 )
-from litestar_celery_events.runtime.failures import ListenerFailure
 
 
 def _failure(
@@ -27,7 +27,7 @@ def _failure(
     try:
         raise RuntimeError("smtp down")
     except RuntimeError as exc:
-        return ListenerFailure.from_exception(
+        return failure_from_exception(
             exc,
             event_id=event,
             emission_id=emission,
@@ -126,7 +126,7 @@ def test_a_password_in_a_listener_error_never_reaches_the_record() -> None:
     try:
         raise ConnectionError("cannot reach redis://app:s3cret@cache:6379/0")
     except ConnectionError as exc:
-        failure = ListenerFailure.from_exception(
+        failure = failure_from_exception(
             exc, event_id="e", emission_id="x", listener="l", args=[], kwargs={}, attempts=1, permanent=False
         )
     assert "s3cret" not in failure.message + failure.traceback
@@ -137,7 +137,7 @@ def test_replay_runs_the_recorded_listener_only_with_the_original_emission_as_ro
     from litestar import Litestar
 
     from litestar_celery_events import CeleryEventsPlugin, listener
-    from litestar_celery_events.failed_store import ReplayError, replay_emission
+    from litestar_celery_events.cli.replay import ReplayError, replay_emission
 
     @listener("paid", queue="billing")
     def charge(order: int) -> None: ...

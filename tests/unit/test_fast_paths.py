@@ -14,8 +14,8 @@ from celery import Celery
 from kombu.utils.json import loads
 
 from litestar_celery_events import CeleryEventsConfig, ListenerSignatureError, listener
+from litestar_celery_events.contract.message import _EMBED, Emission, _encoder, encode_body, new_emission_id
 from litestar_celery_events.listeners import ListenerRegistry
-from litestar_celery_events.message import _EMBED, Emission, _encoder, encode_body, new_emission_id
 from litestar_celery_events.transports.redis import (
     RedisTransport,
     _generic_envelope,

@@ -10,7 +10,7 @@ import pytest
 from kombu.utils.json import loads
 
 from litestar_celery_events import EventPayloadError, PayloadTooLargeError
-from litestar_celery_events.message import Emission, encode_body, new_emission_id, task_headers
+from litestar_celery_events.contract.message import Emission, encode_body, new_emission_id, task_headers
 
 
 def test_body_is_celerys_protocol_v2_triple() -> None:

@@ -10,7 +10,7 @@ import pytest
 from celery import Celery
 
 from litestar_celery_events import CeleryEventsConfig, EventBufferFullError
-from litestar_celery_events.message import Emission
+from litestar_celery_events.contract.message import Emission
 from litestar_celery_events.publisher import Publisher
 from tests.helpers import wait_for
 

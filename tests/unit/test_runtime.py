@@ -35,6 +35,12 @@ def test_loading_the_litestar_app_fails_clearly(path: str, error: type[Exception
         load_litestar_app(path)
 
 
-def test_the_demo_app_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_app_and_no_env_is_a_clear_error_not_a_demo_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LITESTAR_APP", raising=False)
+    with pytest.raises(ValueError, match="set LITESTAR_APP=myapp:app"):
+        load_litestar_app()
+
+
+def test_the_app_named_by_litestar_app_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LITESTAR_APP", "demo.app:app")
     assert "/users" in {route.path for route in load_litestar_app().routes}

@@ -23,8 +23,8 @@ from litestar_celery_events import (
     emit_later,
     listener,
 )
-from litestar_celery_events.runtime.scheduler import AlignedInterval, check_periodic_events, tick_slot
-from litestar_celery_events.schedule_store import SqliteScheduleStore, due_timestamp, eta_of
+from litestar_celery_events.runtime.beat import AlignedInterval, check_periodic_events, tick_slot
+from litestar_celery_events.stores.schedule import SqliteScheduleStore, due_timestamp, eta_of
 
 
 @listener("reminder")
@@ -195,7 +195,7 @@ def test_scheduling_needs_the_plugin(tmp_path: Path) -> None:
 def test_periodic_events_refuse_a_celery_app_with_another_beat_scheduler(tmp_path: Path) -> None:
     from celery import Celery
 
-    from litestar_celery_events.runtime.scheduler import EventScheduler, install_scheduling
+    from litestar_celery_events.runtime.beat import EventScheduler, install_scheduling
 
     own = Celery(set_as_current=False)
     own.conf.beat_scheduler = "redbeat:RedBeatScheduler"
@@ -217,7 +217,7 @@ def test_periodic_events_refuse_a_celery_app_with_another_beat_scheduler(tmp_pat
 def test_beat_reads_crontabs_in_the_configured_timezone_and_resumes_from_the_last_claimed_tick(
     tmp_path: Path,
 ) -> None:
-    from litestar_celery_events.runtime.scheduler import install_scheduling
+    from litestar_celery_events.runtime.beat import install_scheduling
 
     daily = PeriodicEvent("reminder", crontab(hour=7, minute=0), kwargs={"note": "good morning"})
     config = CeleryEventsConfig(data_dir=str(tmp_path), timezone="Asia/Tokyo", periodic=[daily])
@@ -237,7 +237,7 @@ def test_beat_reads_crontabs_in_the_configured_timezone_and_resumes_from_the_las
 def test_two_beats_on_the_embedded_broker_fire_a_tick_once(tmp_path: Path) -> None:
     from kombu.transport import filesystem
 
-    from litestar_celery_events.runtime.scheduler import install_scheduling
+    from litestar_celery_events.runtime.beat import install_scheduling
 
     # kombu keeps the filesystem broker's bindings per process: an earlier test's data_dir would
     # make it skip binding the queue in this one (a process only ever has one data_dir otherwise).

@@ -14,9 +14,9 @@ import pytest
 from celery import Celery
 
 from litestar_celery_events import CeleryEventsConfig, EventBufferFullError
-from litestar_celery_events.message import Emission
+from litestar_celery_events.contract.message import Emission
 from litestar_celery_events.publisher import Publisher
-from litestar_celery_events.spool import spool_depth
+from litestar_celery_events.stores.spool import spool_depth
 from tests.helpers import ROOT, wait_for
 from tests.unit.test_publisher import ScriptedTransport
 

@@ -9,8 +9,9 @@ import sys
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from litestar_celery_events.message import Emission, task_headers
-from litestar_celery_events.tracing import EventLogContext, JsonLogFormatter, _log_context, emission_tracer
+from litestar_celery_events.contract.message import Emission, task_headers
+from litestar_celery_events.runtime.observability import EventLogContext, JsonLogFormatter, _log_context
+from litestar_celery_events.tracing import emission_tracer
 
 
 def _emission() -> Emission:

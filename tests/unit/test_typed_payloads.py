@@ -16,9 +16,9 @@ from litestar_celery_events import (
     declare_event,
     listener,
 )
+from litestar_celery_events.contract.message import encode_body
+from litestar_celery_events.contract.payloads import PayloadDecodeError
 from litestar_celery_events.listeners import ListenerRegistry
-from litestar_celery_events.message import encode_body
-from litestar_celery_events.payloads import PayloadDecodeError
 from litestar_celery_events.runtime.invoke import call_listener
 from tests.apps.typed import Invoice, Order, User, archive, count_items, invoice_sent, ship, user_signed_up, welcome
 

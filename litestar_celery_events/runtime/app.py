@@ -9,26 +9,28 @@ from typing import TYPE_CHECKING
 from celery import signals
 from litestar import Litestar
 
-from litestar_celery_events.emitter import CeleryEventEmitter
-from litestar_celery_events.failed_store import failed_store_for
+from litestar_celery_events.config import LITESTAR_APP_ENV
+from litestar_celery_events.emitter import CeleryEventEmitter, emitter_of
+from litestar_celery_events.runtime.beat import install_scheduling
 from litestar_celery_events.runtime.failures import record_failures_in
 from litestar_celery_events.runtime.hostile import record_refused_messages
-from litestar_celery_events.runtime.scheduler import install_scheduling
+from litestar_celery_events.runtime.observability import install_worker_observability
 from litestar_celery_events.runtime.tasks import register_event_tasks
-from litestar_celery_events.tracing import install_worker_observability
+from litestar_celery_events.stores.failed import failed_store_for
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ("DEFAULT_LITESTAR_APP", "LITESTAR_APP_ENV", "create_worker_app", "load_litestar_app")
-
-LITESTAR_APP_ENV = "LITESTAR_APP"
-DEFAULT_LITESTAR_APP = "demo.app:app"
+__all__ = ("create_worker_app", "load_litestar_app")
 
 
 def load_litestar_app(path: str | None = None) -> Litestar:
-    """Import ``module:attribute`` (Litestar CLI's convention); default env ``LITESTAR_APP``, then the demo."""
-    path = path or os.environ.get(LITESTAR_APP_ENV) or DEFAULT_LITESTAR_APP
+    """Import ``module:attribute`` (Litestar CLI's convention); default: env ``LITESTAR_APP``."""
+    path = path or os.environ.get(LITESTAR_APP_ENV)
+    if not path:
+        raise ValueError(
+            f"no Litestar app to load: pass create_worker_app('myapp:app') or set {LITESTAR_APP_ENV}=myapp:app"
+        )
     module_name, _, attribute = path.partition(":")
     if not module_name or not attribute:
         raise ValueError(f"{LITESTAR_APP_ENV} must look like 'module:attribute', got {path!r}")
@@ -42,12 +44,10 @@ def load_litestar_app(path: str | None = None) -> Litestar:
 def create_worker_app(litestar_app: Litestar | str | None = None) -> Celery:
     """The Celery app that ``celery -A worker worker|beat|flower`` runs for ``litestar_app``."""
     app = litestar_app if isinstance(litestar_app, Litestar) else load_litestar_app(litestar_app)
-    emitter = app.event_emitter
-    if not isinstance(emitter, CeleryEventEmitter):
-        raise TypeError("the Litestar app has no CeleryEventsPlugin: add plugins=[CeleryEventsPlugin(config)]")
+    emitter = emitter_of(app)
     celery_app = emitter.celery_app
-    register_event_tasks(celery_app, emitter.registry, emitter.config)
-    install_worker_observability(celery_app, emitter.config)
+    listener_scope = install_worker_observability(celery_app, emitter.config)
+    register_event_tasks(celery_app, emitter.registry, emitter.config, listener_scope)
     install_scheduling(celery_app, emitter)
     record_failures_in(failed_store_for(emitter.config, str(celery_app.conf.broker_url)))
     record_refused_messages(celery_app, emitter.config)

@@ -31,18 +31,19 @@ from typing import TYPE_CHECKING, Any
 
 from kombu.utils.json import loads as kombu_loads
 
-from litestar_celery_events.emitter import CeleryEventEmitter
-from litestar_celery_events.payloads import PayloadDecodeError
+from litestar_celery_events.contract.payloads import PayloadDecodeError
+from litestar_celery_events.emitter import CeleryEventEmitter, emitter_of
+from litestar_celery_events.errors import ListenerSignatureError
 from litestar_celery_events.publisher import Publisher
 from litestar_celery_events.runtime.event_loop import close_loop
-from litestar_celery_events.runtime.failures import ListenerFailure
+from litestar_celery_events.runtime.failures import ListenerFailure, failure_from_exception
 from litestar_celery_events.runtime.invoke import call_listener
 
 if TYPE_CHECKING:
     from litestar import Litestar
 
+    from litestar_celery_events.contract.message import Emission
     from litestar_celery_events.listeners import ListenerSpec
-    from litestar_celery_events.message import Emission
 
 __all__ = (
     "EmittedEvent",
@@ -219,7 +220,7 @@ class InlineEvents(EventRecorder):
             problem = spec.argument_problem(args, kwargs)
             try:
                 if problem is not None:
-                    raise TypeError(f"listener {spec.name} {problem}")
+                    raise ListenerSignatureError(f"listener {spec.name} {problem}")
                 call_listener(spec, args, kwargs)
             except Exception as exc:  # noqa: BLE001 - recorded, and raised when the block ends
                 self.runs.append(ListenerRun(emission.event_id, spec.name, attempt, exc))
@@ -241,7 +242,7 @@ class InlineEvents(EventRecorder):
         attempts: int,
         permanent: bool,
     ) -> None:
-        failure = ListenerFailure.from_exception(
+        failure = failure_from_exception(
             exc,
             event_id=emission.event_id,
             emission_id=emission.emission_id,
@@ -282,13 +283,6 @@ class InlineEvents(EventRecorder):
             )
 
 
-def _emitter_of(app: Litestar) -> CeleryEventEmitter:
-    emitter = app.event_emitter
-    if not isinstance(emitter, CeleryEventEmitter):
-        raise TypeError("this Litestar app has no CeleryEventsPlugin")
-    return emitter
-
-
 @contextlib.contextmanager
 def _swap_publisher(recorder: EventRecorder) -> Iterator[None]:
     emitter = recorder.emitter
@@ -308,7 +302,7 @@ def fake_events(app: Litestar) -> Iterator[EventRecorder]:
 
     ``emit`` still checks everything it checks in production and raises the same errors.
     """
-    recorder = EventRecorder(_emitter_of(app))
+    recorder = EventRecorder(emitter_of(app))
     with _swap_publisher(recorder):
         yield recorder
 
@@ -323,7 +317,7 @@ def inline_events(app: Litestar, *, raise_on_failure: bool = True) -> Iterator[I
     leaving the block raises ``ListenerFailedError`` if any listener failed for good.
     """
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inline-events")
-    recorder = InlineEvents(emitter=_emitter_of(app), _executor=executor)
+    recorder = InlineEvents(emitter=emitter_of(app), _executor=executor)
     try:
         with _swap_publisher(recorder):
             yield recorder

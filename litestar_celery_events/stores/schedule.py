@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +21,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 
+from litestar_celery_events.brokers import is_redis_url
+from litestar_celery_events.stores.lua import lua_script
+
 if TYPE_CHECKING:
+    from celery import Celery
     from redis.client import Pipeline
 
 __all__ = (
@@ -33,6 +36,7 @@ __all__ = (
     "due_timestamp",
     "eta_of",
     "redis_keys",
+    "schedule_store_for",
     "stage_delayed",
 )
 
@@ -57,76 +61,12 @@ def redis_keys(global_keyprefix: str = "") -> tuple[str, str, str, str]:
     return f"{base}:delayed", f"{base}:delayed:messages", f"{base}:cancelled:", f"{base}:beat:ticks"
 
 
-# KEYS: due zset, messages hash, tombstone. ARGV: emission id, due timestamp, "<list key>\n<envelope>".
-_STAGE = """
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-return 1
-"""
-
-# KEYS: due zset, messages hash. ARGV: now, most to move. Returns {moved, next due score or nil}.
-# The queue list named inside each message is written too: fine on one Redis server (not Cluster).
-_MOVE = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, id in ipairs(ids) do
-  local v = redis.call('HGET', KEYS[2], id)
-  redis.call('ZREM', KEYS[1], id)
-  if v then
-    redis.call('HDEL', KEYS[2], id)
-    local sep = string.find(v, '\\n', 1, true)
-    redis.call('LPUSH', string.sub(v, 1, sep - 1), string.sub(v, sep + 1))
-  end
-end
-local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {#ids, nxt[2]}
-"""
-
-# KEYS: due zset, messages hash, tombstone. ARGV: emission id, tombstone ttl.
-_CANCEL = """
-redis.call('SET', KEYS[3], '1', 'EX', ARGV[2])
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
-  redis.call('HDEL', KEYS[2], ARGV[1])
-  return 1
-end
-return 0
-"""
-
-# KEYS: ticks hash, queue list. ARGV: schedule name, slot, envelope. Claim the tick and enqueue at once.
-_FIRE = """
-local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
-if tonumber(ARGV[2]) <= last then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('LPUSH', KEYS[2], ARGV[3])
-return 1
-"""
-
-_CLAIM = """
-local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
-if tonumber(ARGV[2]) <= last then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return 1
-"""
-
-_scripts: dict[str, Any] = {}
-_scripts_lock = threading.Lock()
-
-
-def _script(client: redis.Redis, source: str) -> Any:
-    """A registered ``redis.commands.core.Script`` (EVALSHA, reloaded on NOSCRIPT; works in pipelines)."""
-    with _scripts_lock:
-        script = _scripts.get(source)
-        if script is None:
-            script = _scripts[source] = client.register_script(source)
-    return script
-
-
 def stage_delayed(
     pipe: Pipeline, global_keyprefix: str, emission_id: str, due_ts: float, list_key: str, envelope: str
 ) -> None:
     """Queue on ``pipe`` the write of one delayed message into the store (skipped if already cancelled)."""
     zset, messages, tombstones, _ = redis_keys(global_keyprefix)
-    _script(pipe, _STAGE)(
+    lua_script(pipe, "stage_delayed")(
         keys=[zset, messages, tombstones + emission_id],
         args=[emission_id, repr(due_ts), f"{list_key}\n{envelope}"],
         client=pipe,
@@ -167,11 +107,13 @@ class RedisScheduleStore:
 
     def cancel(self, emission_id: str) -> bool:
         keys = [self.zset, self.messages, self._tombstones + emission_id]
-        return bool(_script(self.client, _CANCEL)(keys=keys, args=[emission_id, CANCEL_MEMORY_S], client=self.client))
+        return bool(
+            lua_script(self.client, "cancel")(keys=keys, args=[emission_id, CANCEL_MEMORY_S], client=self.client)
+        )
 
     def move_due(self, now: float, limit: int = 1000) -> tuple[int, float | None]:
         """Enqueue up to ``limit`` events due by ``now``; return (how many, next due time or None)."""
-        reply = _script(self.client, _MOVE)(
+        reply = lua_script(self.client, "move_due")(
             keys=[self.zset, self.messages], args=[repr(now), limit], client=self.client
         )
         # Lua drops a trailing nil: an empty store answers {moved} alone.
@@ -180,13 +122,15 @@ class RedisScheduleStore:
     def fire_tick(self, name: str, slot: float, list_key: str, envelope: str) -> bool:
         """Claim tick ``slot`` of ``name`` and enqueue its message in one step; False if already fired."""
         return bool(
-            _script(self.client, _FIRE)(
+            lua_script(self.client, "fire_tick")(
                 keys=[self.ticks, list_key], args=[name, repr(slot), envelope], client=self.client
             )
         )
 
     def claim_tick(self, name: str, slot: float) -> bool:
-        return bool(_script(self.client, _CLAIM)(keys=[self.ticks], args=[name, repr(slot)], client=self.client))
+        return bool(
+            lua_script(self.client, "claim_tick")(keys=[self.ticks], args=[name, repr(slot)], client=self.client)
+        )
 
     def last_tick(self, name: str) -> float | None:
         value = self.client.hget(self.ticks, name)
@@ -277,3 +221,14 @@ class SqliteScheduleStore:
 
     def close(self) -> None:
         """Nothing held open: each call opens and closes its own connection."""
+
+
+def schedule_store_for(celery_app: Celery, data_dir: Any, timeout_s: float | None = None) -> ScheduleStore:
+    """The broker-side store on Redis brokers; otherwise the SQLite fallback under ``data_dir``."""
+    url = str(celery_app.conf.broker_url)
+    if is_redis_url(url):
+        options = dict(celery_app.conf.broker_transport_options or {})
+        if timeout_s is None:
+            return RedisScheduleStore(url, options.get("global_keyprefix", ""))
+        return RedisScheduleStore(url, options.get("global_keyprefix", ""), timeout_s)
+    return SqliteScheduleStore(Path(data_dir) / "scheduling.sqlite3")

@@ -1,111 +1,42 @@
-"""The worker and beat side of scheduling: the mover, beat's deduplicated ticks, the cancel check.
+"""Beat's side of scheduling: periodic events, each tick fired once.
 
-- ``Mover``: a thread in every worker main process and in beat (Redis brokers) that enqueues due
-  delayed events with one Lua script call; several movers never enqueue an event twice.
 - ``EventScheduler``: ``celery -A worker beat``'s scheduler. It emits each ``PeriodicEvent`` as an
   ordinary event and claims every tick in the store first (one atomic compare-and-set per
   schedule name), so two beat processes, or a restarted one, fire each tick once.
-- ``cancelled_before_run``: on brokers without the store, the event task of a delayed emission
-  asks the SQLite cancel set before running.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from celery import signals
 from celery.beat import ScheduleEntry, Scheduler
 from celery.schedules import crontab, schedstate
 from celery.schedules import schedule as celery_schedule
 
-from litestar_celery_events.config import redact_url
-from litestar_celery_events.schedule_store import RedisScheduleStore, SqliteScheduleStore
-from litestar_celery_events.scheduling import PeriodicEvent, schedule_store_for
+from litestar_celery_events.contract.message import encode_body
+from litestar_celery_events.contract.periodic import PeriodicEvent
+from litestar_celery_events.runtime.mover import install_mover
+from litestar_celery_events.stores.schedule import RedisScheduleStore, schedule_store_for
+from litestar_celery_events.transports import KombuTransport, RedisTransport
+from litestar_celery_events.transports.base import origin_nodename
+from litestar_celery_events.transports.redis import redis_envelope
 
 if TYPE_CHECKING:
-    from celery import Celery, Task
+    from celery import Celery
 
+    from litestar_celery_events.contract.message import Emission
     from litestar_celery_events.emitter import CeleryEventEmitter
-    from litestar_celery_events.message import Emission
-    from litestar_celery_events.schedule_store import ScheduleStore
+    from litestar_celery_events.stores.schedule import ScheduleStore
 
-__all__ = (
-    "AlignedInterval",
-    "EventScheduler",
-    "Mover",
-    "cancelled_before_run",
-    "check_periodic_events",
-    "install_scheduling",
-)
+__all__ = ("AlignedInterval", "EventScheduler", "check_periodic_events", "install_scheduling")
 
 logger = logging.getLogger("litestar_celery_events.scheduler")
 
-MOVE_BATCH = 1000
 DEFAULT_BEAT_SCHEDULER = "celery.beat.PersistentScheduler"
-MAX_RETRY_WAIT_S = 2.0
-
-
-class Mover:
-    """Moves due delayed events from the Redis store to their queues, in a daemon thread."""
-
-    def __init__(self, store: RedisScheduleStore, poll_interval_s: float) -> None:
-        self.store = store
-        self.poll_interval_s = poll_interval_s
-        self.moved = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> None:
-        if self.running:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="celery-events-mover", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-        self._thread = None
-        self.store.close()
-
-    def move_once(self) -> tuple[int, float | None]:
-        moved, next_due = self.store.move_due(time.time(), MOVE_BATCH)
-        self.moved += moved
-        return moved, next_due
-
-    def _run(self) -> None:
-        failures = 0
-        while not self._stop.is_set():
-            try:
-                moved, next_due = self.move_once()
-            except Exception as exc:  # noqa: BLE001 - broker away: keep trying, the store keeps the events
-                failures += 1
-                self.store.close()
-                if failures == 1 or failures % 50 == 0:
-                    logger.warning(
-                        "delayed-event mover failed (%s: %s); retrying", type(exc).__name__, redact_url(str(exc))
-                    )
-                self._stop.wait(min(MAX_RETRY_WAIT_S, 0.05 * 2 ** min(failures, 6)))
-                continue
-            if failures:
-                logger.warning("delayed-event mover working again after %d failed attempt(s)", failures)
-                failures = 0
-            if moved >= MOVE_BATCH:
-                continue
-            wait = self.poll_interval_s
-            if next_due is not None:
-                wait = min(wait, max(0.0, next_due - time.time()))
-            self._stop.wait(wait)
 
 
 class AlignedInterval(celery_schedule):  # type: ignore[misc]  # celery is untyped here
@@ -140,8 +71,6 @@ def tick_slot(entry: ScheduleEntry) -> float:
 
 def check_periodic_events(emitter: CeleryEventEmitter) -> None:
     """Fail at start-up, not at the first tick: each periodic event has listeners that accept its arguments."""
-    from litestar_celery_events.message import encode_body
-
     for periodic in emitter.config.periodic:
         specs = emitter.registry.get(periodic.event_id)
         args, kwargs = periodic.args, dict(periodic.kwargs or {})
@@ -163,6 +92,7 @@ class EventScheduler(Scheduler):  # type: ignore[misc]  # celery is untyped here
         self.periodic: dict[str, PeriodicEvent] = {}
         self.store: ScheduleStore = schedule_store_for(self.emitter.celery_app, self.emitter.config.resolved_data_dir)
         self.fired = 0
+        self._transport: RedisTransport | None = None
         super().__init__(*args, **kwargs)
 
     @classmethod
@@ -236,24 +166,25 @@ class EventScheduler(Scheduler):  # type: ignore[misc]  # celery is untyped here
     def _fire(self, periodic: PeriodicEvent, slot: float, emission: Emission) -> bool:
         store = self.store
         if isinstance(store, RedisScheduleStore):
-            from litestar_celery_events.transports.base import origin_nodename
-            from litestar_celery_events.transports.redis import RedisTransport, redis_envelope
-
             queue = emission.queue or self.app.conf.task_default_queue
-            transport = RedisTransport(self.app)
+            transport = self._redis_transport()
             envelope = redis_envelope(emission, queue, origin_nodename(), f"{emission.emission_id}.1")
             return store.fire_tick(periodic.key, slot, transport.key_of(queue), envelope)
         # No atomic claim-and-publish here: a beat dying between the two loses that one tick.
         if not store.claim_tick(periodic.key, slot):
             return False
-        from litestar_celery_events.transports.kombu import KombuTransport
-
         transport_ = KombuTransport(self.app)
         try:
             transport_.publish([emission], [0])
         finally:
             transport_.close()
         return True
+
+    def _redis_transport(self) -> RedisTransport:
+        """One per scheduler (not per tick): it only names the queue's key and the origin."""
+        if self._transport is None:
+            self._transport = RedisTransport(self.app)
+        return self._transport
 
 
 def _crontab_fields(sched: crontab) -> dict[str, Any]:
@@ -266,29 +197,10 @@ def _crontab_fields(sched: crontab) -> dict[str, Any]:
     }
 
 
-_stores: dict[int, ScheduleStore] = {}
-
-
-def cancelled_before_run(task: Task) -> bool:
-    """For the event task: True if this delayed emission (Celery ETA fallback) was cancelled."""
-    request = task.request
-    if request.eta is None:
-        return False
-    store = _stores.get(id(task.app))
-    if store is None:
-        data_dir = getattr(task.app, "celery_events_data_dir", None)
-        store = _stores[id(task.app)] = schedule_store_for(task.app, data_dir or ".celery-events")
-    if not isinstance(store, SqliteScheduleStore) or store.may_run(str(request.id)):
-        return False
-    logger.info("event %r emission %s was cancelled before it was due: not run", task.name, request.id)
-    return True
-
-
 def install_scheduling(celery_app: Celery, emitter: CeleryEventEmitter) -> None:
     """Wire scheduling into ``celery -A worker worker|beat``: movers, beat's scheduler, start-up checks."""
     config = emitter.config
     check_periodic_events(emitter)
-    celery_app.celery_events_data_dir = config.resolved_data_dir
     current = celery_app.conf.beat_scheduler
     if isinstance(current, str) and current.replace(":", ".") != DEFAULT_BEAT_SCHEDULER:
         if config.periodic:  # e.g. a bring-your-own app on celery-redbeat: ours would be silently skipped
@@ -298,18 +210,4 @@ def install_scheduling(celery_app: Celery, emitter: CeleryEventEmitter) -> None:
             )
     else:
         celery_app.conf.beat_scheduler = EventScheduler.bound_to(emitter)
-    store = schedule_store_for(celery_app, config.resolved_data_dir)
-    if not isinstance(store, RedisScheduleStore):
-        return
-    mover = Mover(store, config.delayed_poll_interval_s)
-    celery_app.celery_events_mover = mover
-
-    def start(**_: object) -> None:
-        mover.start()
-
-    def stop(**_: object) -> None:
-        mover.stop()
-
-    signals.worker_ready.connect(start, weak=False)  # the worker's main process only
-    signals.beat_init.connect(start, weak=False)
-    signals.worker_shutdown.connect(stop, weak=False)
+    install_mover(celery_app, config)

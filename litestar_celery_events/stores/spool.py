@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from kombu.utils import json as kombu_json
 
+from litestar_celery_events.contract.message import Emission
 from litestar_celery_events.errors import EventBufferFullError
-from litestar_celery_events.message import Emission
 
 if TYPE_CHECKING:
     from collections import deque
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ("Spool", "SpoolFile", "spool_depth")
 
-logger = logging.getLogger("litestar_celery_events.spool")
+logger = logging.getLogger("litestar_celery_events.stores.spool")
 
 SPOOL_FOLDER = "spool"
 SQLITE_BUSY_TIMEOUT_S = 30.0

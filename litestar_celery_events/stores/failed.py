@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from kombu.utils import json as kombu_json
 
-from litestar_celery_events.config import redact_url
+from litestar_celery_events.brokers import is_redis_url, redact_url
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -32,21 +32,16 @@ if TYPE_CHECKING:
     import redis
 
     from litestar_celery_events.config import CeleryEventsConfig
-    from litestar_celery_events.listeners import ListenerRegistry
-    from litestar_celery_events.message import Emission
-    from litestar_celery_events.runtime.failures import ListenerFailure
+    from litestar_celery_events.contract.failures import ListenerFailure
 
 __all__ = (
     "FailedStore",
-    "ReplayError",
     "RedisFailedStore",
     "SqliteFailedStore",
     "failed_store_for",
     "record_id",
-    "replay_emission",
 )
 
-REDIS_SCHEMES = ("redis://", "rediss://")
 SQLITE_FILE = "failed.sqlite3"
 SQLITE_BUSY_TIMEOUT_S = 30.0
 DEFAULT_TIMEOUT_S = 10.0
@@ -239,7 +234,7 @@ def failed_store_for(
 ) -> FailedStore:
     """The store for ``config``: ``failed_store_url`` if set, else the broker's Redis, else SQLite."""
     url = config.failed_store_url or broker_url or config.resolved_broker_url
-    if url.startswith(REDIS_SCHEMES):
+    if is_redis_url(url):
         prefix = ""
         if not config.failed_store_url and config.celery_config:
             options = config.celery_config.get("broker_transport_options") or {}
@@ -248,40 +243,3 @@ def failed_store_for(
     if url.startswith("sqlite:///"):
         return SqliteFailedStore(Path(url.removeprefix("sqlite:///")))
     return SqliteFailedStore(config.resolved_data_dir / SQLITE_FILE)
-
-
-class ReplayError(LookupError):
-    """A record that cannot be replayed: its event or listener is not in this app, or it has no arguments."""
-
-
-def replay_emission(record: dict[str, Any], registry: ListenerRegistry, config: CeleryEventsConfig) -> Emission:
-    """The message that re-runs ``record``'s listener only: its own task, fresh retries, same arguments.
-
-    The task id is new (``<emission>:<listener>:replay-<n>``); ``root_id`` stays the original
-    emission id, so a replay that fails again overwrites this same record.
-    """
-    from litestar_celery_events.message import Emission, new_emission_id
-
-    event_id, listener = str(record["event_id"]), str(record["listener"])
-    specs = registry.by_event.get(event_id)
-    if not specs:
-        raise ReplayError(f"event {event_id!r} has no listener in this app: nothing to replay it to")
-    spec = next((s for s in specs if s.name == listener), None)
-    if spec is None:
-        raise ReplayError(
-            f"{listener!r} is not a listener of event {event_id!r} in this app "
-            f"(listeners: {', '.join(s.name for s in specs)})"
-        )
-    emission = Emission.create(
-        event_id,
-        config.listener_task_name(event_id, spec.name),
-        tuple(record.get("args") or ()),
-        dict(record.get("kwargs") or {}),
-        max_payload_bytes=config.max_payload_bytes,
-        queue=spec.task_options.get("queue") or config.default_queue,
-    )
-    original = str(record["emission_id"])
-    emission.emission_id = f"{original}:{spec.name}:replay-{new_emission_id()[-8:]}"
-    emission.emitted_at = float(record.get("emitted_at") or emission.emitted_at)
-    emission.extra_headers = {"root_id": original}
-    return emission

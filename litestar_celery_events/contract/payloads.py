@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from litestar_celery_events.contract.events import validate_event_id
 from litestar_celery_events.errors import EventPayloadError
 
 __all__ = (
@@ -255,7 +256,6 @@ def declare_event(event_id: str) -> Callable[[Callable[..., Any]], EventDeclarat
     value against ``User``) even where no listener of the event is registered; the workers that
     run its listeners are elsewhere.
     """
-    from litestar_celery_events.listeners import validate_event_id
 
     validate_event_id(event_id)
 

@@ -10,12 +10,16 @@ from typing import TYPE_CHECKING, Any
 import click
 from litestar.cli._utils import LitestarGroup
 
-from litestar_celery_events.config import redact_url
+from litestar_celery_events.brokers import redact_url
+from litestar_celery_events.cli.replay import ReplayError, replay_emission
+from litestar_celery_events.config import LITESTAR_APP_ENV
 from litestar_celery_events.emitter import CeleryEventEmitter
-from litestar_celery_events.failed_store import ReplayError, failed_store_for, replay_emission
-from litestar_celery_events.runtime.worker_app import LITESTAR_APP_ENV
+from litestar_celery_events.emitter import emitter_of as _emitter_of
+from litestar_celery_events.errors import PluginNotInstalledError
 from litestar_celery_events.scheduling import scheduling_status
-from litestar_celery_events.spool import spool_depth
+from litestar_celery_events.stores.failed import failed_store_for
+from litestar_celery_events.stores.spool import spool_depth
+from litestar_celery_events.transports import transport_for
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -36,10 +40,11 @@ PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 
 def emitter_of(app: Litestar) -> CeleryEventEmitter:
-    emitter = app.event_emitter
-    if not isinstance(emitter, CeleryEventEmitter):
-        raise click.ClickException("this Litestar app has no CeleryEventsPlugin")
-    return emitter
+    """The app's emitter; a CLI error (not a traceback) when the app has no CeleryEventsPlugin."""
+    try:
+        return _emitter_of(app)
+    except PluginNotInstalledError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def status_of(app: Litestar) -> dict[str, Any]:
@@ -204,8 +209,6 @@ def failed_show_command(app: Litestar, record_id: str) -> None:
 @click.argument("record_ids", nargs=-1, required=True)
 def failed_replay_command(app: Litestar, record_ids: tuple[str, ...]) -> None:
     """Re-enqueue a failed event for its listener only, with fresh retries; the record is removed."""
-    from litestar_celery_events.transports import transport_for
-
     emitter = emitter_of(app)
     store = failed_store_for(emitter.config)
     transport = transport_for(emitter.celery_app)
