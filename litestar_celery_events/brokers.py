@@ -7,6 +7,9 @@ import re
 __all__ = (
     "EMBEDDED_BROKER_URL",
     "REDIS_SCHEMES",
+    "SOCKET_TIMEOUT_S",
+    "retry_delay_s",
+    "worth_logging",
     "embedded_broker_url",
     "is_embedded_url",
     "is_redis_url",
@@ -16,6 +19,10 @@ __all__ = (
 REDIS_SCHEMES = ("redis://", "rediss://")
 EMBEDDED_BROKER_URL = "filesystem://"
 """kombu's filesystem transport (its folders are set in transport options): needs no server."""
+
+SOCKET_TIMEOUT_S = 10.0
+"""Default socket timeout of the library's own Redis clients (publisher, stores, mover, CLI)."""
+MAX_RETRY_DELAY_S = 2.0
 
 _PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z0-9+.\-]+://[^:/@\s]*:)(?P<secret>\S+)(?P<tail>@)", re.IGNORECASE)
 
@@ -37,3 +44,13 @@ def is_redis_url(url: object) -> bool:
 
 def is_embedded_url(url: object) -> bool:
     return str(url).startswith(EMBEDDED_BROKER_URL)
+
+
+def retry_delay_s(failures: int) -> float:
+    """Wait after ``failures`` broker errors in a row (publisher, mover): 0.1 s, doubling, capped at 2 s."""
+    return min(MAX_RETRY_DELAY_S, 0.05 * 2.0 ** min(failures, 6))
+
+
+def worth_logging(failures: int) -> bool:
+    """Log the first broker error of a run and every 50th after it, not each retry."""
+    return failures == 1 or failures % 50 == 0

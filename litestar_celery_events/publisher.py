@@ -15,7 +15,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from litestar_celery_events.brokers import redact_url
+from litestar_celery_events.brokers import redact_url, retry_delay_s, worth_logging
 from litestar_celery_events.errors import EventBufferFullError
 from litestar_celery_events.transports import Transport, transport_for
 
@@ -34,7 +34,6 @@ IDLE_WAIT_S = 0.5
 SPOOL_WHEN_STALLED_S = 1.0
 """With the spool on: a publish waiting this long for the broker (one that hangs rather than
 refuses) sends new events, and the batch it holds, to the spool instead of memory."""
-MAX_RECONNECT_DELAY_S = 2.0
 MIN_PUBLISH_INTERVAL_S = 0.002
 MAX_PUBLISH_INTERVAL_S = 0.02
 """Under a steady stream of events, round trips are 2 ms (one event per batch) to 20 ms apart, so
@@ -233,9 +232,9 @@ class Publisher:
     def _back_off(self, exc: Exception, failures: int, waiting: str) -> None:
         """After a failed publish: drop the connection, log now and then, wait (exponential, capped)."""
         self._transport.close()
-        if failures == 1 or failures % 50 == 0:
+        if worth_logging(failures):
             logger.warning("cannot publish to %s (%s); %s, retrying", self._broker, redact_url(str(exc)), waiting)
-        self._wakeup.wait(min(MAX_RECONNECT_DELAY_S, 0.05 * 2 ** min(failures, 6)))
+        self._wakeup.wait(retry_delay_s(failures))
         self._wakeup.clear()
 
     def _publish_stalled(self) -> bool:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from celery import signals
 
-from litestar_celery_events.brokers import redact_url
+from litestar_celery_events.brokers import redact_url, retry_delay_s, worth_logging
 from litestar_celery_events.config import DEFAULT_DATA_DIR, CeleryEventsConfig
 from litestar_celery_events.stores.schedule import RedisScheduleStore, SqliteScheduleStore, schedule_store_for
 
@@ -29,7 +29,6 @@ __all__ = ("MOVE_BATCH", "Mover", "cancelled_before_run", "install_mover")
 logger = logging.getLogger("litestar_celery_events.scheduler")
 
 MOVE_BATCH = 1000
-MAX_RETRY_WAIT_S = 2.0
 
 
 class Mover:
@@ -73,11 +72,11 @@ class Mover:
             except Exception as exc:  # noqa: BLE001 - broker away: keep trying, the store keeps the events
                 failures += 1
                 self.store.close()
-                if failures == 1 or failures % 50 == 0:
+                if worth_logging(failures):
                     logger.warning(
                         "delayed-event mover failed (%s: %s); retrying", type(exc).__name__, redact_url(str(exc))
                     )
-                self._stop.wait(min(MAX_RETRY_WAIT_S, 0.05 * 2 ** min(failures, 6)))
+                self._stop.wait(retry_delay_s(failures))
                 continue
             if failures:
                 logger.warning("delayed-event mover working again after %d failed attempt(s)", failures)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from kombu.utils import json as kombu_json
 
-from litestar_celery_events.brokers import is_redis_url, redact_url
+from litestar_celery_events.brokers import SOCKET_TIMEOUT_S, is_redis_url, redact_url
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -44,8 +44,6 @@ __all__ = (
 
 SQLITE_FILE = "failed.sqlite3"
 SQLITE_BUSY_TIMEOUT_S = 30.0
-DEFAULT_TIMEOUT_S = 10.0
-"""Redis store: socket timeout of each call."""
 
 
 def record_id(emission_id: str, listener: str) -> str:
@@ -101,7 +99,7 @@ class FailedStore(Protocol):
 class RedisFailedStore:
     """Records in the broker's Redis: a hash of JSON records and a sorted index by failure time."""
 
-    def __init__(self, url: str, namespace: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, url: str, namespace: str, timeout_s: float = SOCKET_TIMEOUT_S) -> None:
         self._url = url
         self._timeout_s = timeout_s
         self.location = f"{redact_url(url)} key {namespace}"
@@ -230,7 +228,7 @@ class SqliteFailedStore:
 
 
 def failed_store_for(
-    config: CeleryEventsConfig, broker_url: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
+    config: CeleryEventsConfig, broker_url: str | None = None, timeout_s: float = SOCKET_TIMEOUT_S
 ) -> FailedStore:
     """The store for ``config``: ``failed_store_url`` if set, else the broker's Redis, else SQLite."""
     url = config.failed_store_url or broker_url or config.resolved_broker_url

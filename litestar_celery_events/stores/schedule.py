@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 
-from litestar_celery_events.brokers import is_redis_url
+from litestar_celery_events.brokers import SOCKET_TIMEOUT_S, is_redis_url
 from litestar_celery_events.stores.lua import lua_script
 
 if TYPE_CHECKING:
@@ -43,7 +43,6 @@ __all__ = (
 KEY_NAMESPACE = "celery-events"
 CANCEL_MEMORY_S = 7 * 24 * 3600
 """How long a cancel is remembered for an emission that a publisher has not written yet."""
-SOCKET_TIMEOUT_S = 10.0
 
 
 def eta_of(due_ts: float) -> str:

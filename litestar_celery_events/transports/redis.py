@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from litestar_celery_events.brokers import SOCKET_TIMEOUT_S
 from litestar_celery_events.contract.message import (
     CONTENT_ENCODING,
     CONTENT_TYPE,
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
     from celery import Celery
 
 __all__ = ("RedisTransport", "lpush_commands", "redis_envelope")
-
-SOCKET_TIMEOUT_S = 10.0
 
 
 _quote = json.encoder.encode_basestring_ascii
