@@ -233,7 +233,7 @@ def main() -> None:  # noqa: PLR0915 - a script that reads top to bottom
             thread.join()
     _log("web side flushed; waiting for the ledger to settle")
 
-    store = failed_store_for(app.event_emitter.config)  # type: ignore[attr-defined]
+    store = failed_store_for(app.event_emitter.config, app.event_emitter.celery_app)  # type: ignore[attr-defined]
     deadline = time.monotonic() + options.settle_timeout
     last: dict[str, Any] = {}
     stable_since = time.monotonic()

@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from litestar import Litestar
     from litestar.cli._utils import LitestarEnv
 
-    from litestar_celery_events.config import CeleryEventsConfig
 
 __all__ = ("celery_invocation", "events_group", "status_of")
 
@@ -67,7 +66,7 @@ def status_of(app: Litestar) -> dict[str, Any]:
             for event_id, specs in sorted(emitter.registry.by_event.items())
         },
         "spooled_events": spool_depth(config),
-        "failed_events": _failed_summary(config),
+        "failed_events": _failed_summary(emitter),
         "scheduling": scheduling_status(emitter, STATUS_TIMEOUT_S),
     }
 
@@ -154,8 +153,8 @@ STATUS_TIMEOUT_S = 2.0
 """``events status`` answers within about this long even when the broker hangs."""
 
 
-def _failed_summary(config: CeleryEventsConfig) -> dict[str, Any]:
-    store = failed_store_for(config, timeout_s=STATUS_TIMEOUT_S)
+def _failed_summary(emitter: CeleryEventEmitter) -> dict[str, Any]:
+    store = failed_store_for(emitter.config, emitter.celery_app, timeout_s=STATUS_TIMEOUT_S)
     try:
         return {"store": store.location, "count": store.count()}
     except Exception as exc:  # noqa: BLE001 - status must print even when the store is unreachable
@@ -170,7 +169,8 @@ def failed_group() -> None:
 
 
 def _store_of(app: Litestar) -> Any:
-    return failed_store_for(emitter_of(app).config)
+    emitter = emitter_of(app)
+    return failed_store_for(emitter.config, emitter.celery_app)
 
 
 def _json_default(value: Any) -> Any:
@@ -210,7 +210,7 @@ def failed_show_command(app: Litestar, record_id: str) -> None:
 def failed_replay_command(app: Litestar, record_ids: tuple[str, ...]) -> None:
     """Re-enqueue a failed event for its listener only, with fresh retries; the record is removed."""
     emitter = emitter_of(app)
-    store = failed_store_for(emitter.config)
+    store = failed_store_for(emitter.config, emitter.celery_app)
     transport = transport_for(emitter.celery_app)
     try:
         for record_id in record_ids:

@@ -49,7 +49,7 @@ def create_worker_app(litestar_app: Litestar | str | None = None) -> Celery:
     listener_scope = install_worker_observability(celery_app, emitter.config)
     register_event_tasks(celery_app, emitter.registry, emitter.config, listener_scope)
     install_scheduling(celery_app, emitter)
-    record_failures_in(failed_store_for(emitter.config, str(celery_app.conf.broker_url)))
+    record_failures_in(failed_store_for(emitter.config, celery_app))
     record_refused_messages(celery_app, emitter.config)
     _start_emitter_in_workers(emitter)
     celery_app.litestar_app = app

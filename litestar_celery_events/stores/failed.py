@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from kombu.utils import json as kombu_json
 
-from litestar_celery_events.brokers import SOCKET_TIMEOUT_S, is_redis_url, redact_url
+from litestar_celery_events.brokers import is_redis_url, redact_url, redis_settings, redis_settings_for_url
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    import redis
+    from celery import Celery
 
+    from litestar_celery_events.brokers import BrokerRedis
     from litestar_celery_events.config import CeleryEventsConfig
     from litestar_celery_events.contract.failures import ListenerFailure
 
@@ -99,23 +100,12 @@ class FailedStore(Protocol):
 class RedisFailedStore:
     """Records in the broker's Redis: a hash of JSON records and a sorted index by failure time."""
 
-    def __init__(self, url: str, namespace: str, timeout_s: float = SOCKET_TIMEOUT_S) -> None:
-        self._url = url
-        self._timeout_s = timeout_s
-        self.location = f"{redact_url(url)} key {namespace}"
+    def __init__(self, redis: BrokerRedis, namespace: str) -> None:
+        self._redis = redis.client  # the factory's handle: TLS, Sentinel, failover and the fork rule
+        self._handle = redis
+        self.location = f"{redis.location} key {namespace}"
         self._hash = namespace
         self._index = f"{namespace}:index"
-        self._client: redis.Redis | None = None
-        self._pid = -1
-
-    def _redis(self) -> redis.Redis:
-        if self._client is None or self._pid != os.getpid():  # never share a socket with a forked parent
-            import redis
-
-            timeout = self._timeout_s
-            self._client = redis.Redis.from_url(self._url, socket_timeout=timeout, socket_connect_timeout=timeout)
-            self._pid = os.getpid()
-        return self._client
 
     def add(self, failure: ListenerFailure) -> str:
         record = _record(failure)
@@ -158,9 +148,7 @@ class RedisFailedStore:
         return int(self._redis().hlen(self._hash))
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-        self._client = None
+        self._handle.close()
 
 
 class SqliteFailedStore:
@@ -227,17 +215,23 @@ class SqliteFailedStore:
         self._connection = None
 
 
-def failed_store_for(
-    config: CeleryEventsConfig, broker_url: str | None = None, timeout_s: float = SOCKET_TIMEOUT_S
-) -> FailedStore:
-    """The store for ``config``: ``failed_store_url`` if set, else the broker's Redis, else SQLite."""
-    url = config.failed_store_url or broker_url or config.resolved_broker_url
-    if is_redis_url(url):
-        prefix = ""
-        if not config.failed_store_url and config.celery_config:
-            options = config.celery_config.get("broker_transport_options") or {}
-            prefix = str(options.get("global_keyprefix", ""))
-        return RedisFailedStore(url, f"{prefix}{config.task_name_prefix}:failed", timeout_s)
-    if url.startswith("sqlite:///"):
+def failed_store_for(config: CeleryEventsConfig, celery_app: Celery, timeout_s: float | None = None) -> FailedStore:
+    """The store for ``config``: ``failed_store_url`` if set, else the broker's Redis, else SQLite.
+
+    On the broker's Redis it connects as Celery does (the app's TLS, Sentinel, failover settings);
+    ``timeout_s`` overrides the socket timeouts (``events status`` answers within it).
+    """
+    url = config.failed_store_url
+    if url is not None and url.startswith("sqlite:///"):
         return SqliteFailedStore(Path(url.removeprefix("sqlite:///")))
+    if url is not None:
+        if not is_redis_url(url):
+            raise ValueError(
+                f"failed_store_url must be a redis://, rediss:// or sqlite:/// URL, got {redact_url(url)!r}"
+            )
+        return RedisFailedStore(redis_settings_for_url(url).open(timeout_s), f"{config.task_name_prefix}:failed")
+    if url is None and is_redis_url(str(celery_app.conf.broker_write_url)):
+        settings = redis_settings(celery_app)
+        namespace = f"{settings.global_keyprefix}{config.task_name_prefix}:failed"
+        return RedisFailedStore(settings.open(timeout_s), namespace)
     return SqliteFailedStore(config.resolved_data_dir / SQLITE_FILE)

@@ -21,12 +21,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 
-from litestar_celery_events.brokers import SOCKET_TIMEOUT_S, is_redis_url
+from litestar_celery_events.brokers import is_redis_url, redis_settings
 from litestar_celery_events.stores.lua import lua_script
 
 if TYPE_CHECKING:
     from celery import Celery
     from redis.client import Pipeline
+
+    from litestar_celery_events.brokers import BrokerRedis
 
 __all__ = (
     "CANCEL_MEMORY_S",
@@ -90,19 +92,13 @@ class ScheduleStore(Protocol):
 class RedisScheduleStore:
     """The Redis side: due sorted set, prepared messages, cancel tombstones, beat ticks."""
 
-    def __init__(self, url: str, global_keyprefix: str = "", timeout_s: float = SOCKET_TIMEOUT_S) -> None:
-        self.zset, self.messages, self._tombstones, self.ticks = redis_keys(global_keyprefix)
-        self._url = url
-        self._timeout_s = timeout_s
-        self._client: redis.Redis | None = None
+    def __init__(self, redis: BrokerRedis) -> None:
+        self.zset, self.messages, self._tombstones, self.ticks = redis_keys(redis.settings.global_keyprefix)
+        self._redis = redis  # the factory's handle: TLS, Sentinel, failover and the fork rule
 
     @property
     def client(self) -> redis.Redis:
-        if self._client is None:
-            self._client = redis.Redis.from_url(
-                self._url, socket_timeout=self._timeout_s, socket_connect_timeout=self._timeout_s
-            )
-        return self._client
+        return self._redis.client()
 
     def cancel(self, emission_id: str) -> bool:
         keys = [self.zset, self.messages, self._tombstones + emission_id]
@@ -145,9 +141,7 @@ class RedisScheduleStore:
         return float(first[0][1]) if first else None
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-        self._client = None
+        self._redis.close()
 
 
 class SqliteScheduleStore:
@@ -224,10 +218,6 @@ class SqliteScheduleStore:
 
 def schedule_store_for(celery_app: Celery, data_dir: Any, timeout_s: float | None = None) -> ScheduleStore:
     """The broker-side store on Redis brokers; otherwise the SQLite fallback under ``data_dir``."""
-    url = str(celery_app.conf.broker_url)
-    if is_redis_url(url):
-        options = dict(celery_app.conf.broker_transport_options or {})
-        if timeout_s is None:
-            return RedisScheduleStore(url, options.get("global_keyprefix", ""))
-        return RedisScheduleStore(url, options.get("global_keyprefix", ""), timeout_s)
+    if is_redis_url(celery_app.conf.broker_write_url):
+        return RedisScheduleStore(redis_settings(celery_app).open(timeout_s))  # connects as Celery does
     return SqliteScheduleStore(Path(data_dir) / "scheduling.sqlite3")

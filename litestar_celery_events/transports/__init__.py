@@ -17,6 +17,6 @@ __all__ = ("KombuTransport", "RedisTransport", "Transport", "transport_for")
 
 def transport_for(celery_app: Celery) -> Transport:
     """The fastest transport that keeps Celery's message format for ``celery_app``'s broker."""
-    if is_redis_url(celery_app.conf.broker_url):
+    if is_redis_url(celery_app.conf.broker_write_url):
         return RedisTransport(celery_app)
     return KombuTransport(celery_app)

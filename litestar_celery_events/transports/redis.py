@@ -11,11 +11,11 @@ import binascii
 import inspect
 import json
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import redis
 
-from litestar_celery_events.brokers import SOCKET_TIMEOUT_S
+from litestar_celery_events.brokers import redis_settings
 from litestar_celery_events.contract.message import (
     CONTENT_ENCODING,
     CONTENT_TYPE,
@@ -116,25 +116,16 @@ class RedisTransport:
     """Pipelined ``LPUSH`` of kombu-format messages (priority 0, kombu's default)."""
 
     def __init__(self, celery_app: Celery) -> None:
-        conf = celery_app.conf
-        self._url: str = conf.broker_url
-        options: dict[str, Any] = dict(conf.broker_transport_options or {})
-        self._key_prefix: str = options.get("global_keyprefix", "")
-        self._default_queue: str = conf.task_default_queue
+        settings = redis_settings(celery_app)  # TLS, Sentinel, failover, timeouts: as kombu connects
+        self._redis = settings.open()
+        self._key_prefix: str = settings.global_keyprefix
+        self._default_queue: str = celery_app.conf.task_default_queue
         self._origin = origin_nodename()
-        self._client: redis.Redis | None = None
         self._sent = 0
 
     def key_of(self, queue: str | None) -> str:
         """The Redis list a queue lives in (kombu: the queue name, after any global key prefix)."""
         return f"{self._key_prefix}{queue or self._default_queue}"
-
-    def _redis(self) -> redis.Redis:
-        if self._client is None:
-            self._client = redis.Redis.from_url(
-                self._url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
-            )
-        return self._client
 
     def publish(self, batch: list[Emission], done: list[int]) -> None:
         """Publish ``batch`` in one round trip; ``done[0]`` becomes ``len(batch)`` once Redis acknowledged it."""
@@ -157,7 +148,7 @@ class RedisTransport:
         done[0] = len(batch)
 
     def _send(self, payload: bytes, replies: int) -> None:
-        pool = self._redis().connection_pool
+        pool = self._redis.client().connection_pool
         connection = pool.get_connection("LPUSH") if _POOL_WANTS_COMMAND_NAME else pool.get_connection()
         try:
             connection.send_packed_command([payload])  # type: ignore[no-untyped-call]  # redis-py: unannotated
@@ -170,7 +161,7 @@ class RedisTransport:
             pool.release(connection)
 
     def _publish_pipelined(self, batch: list[Emission], done: list[int]) -> None:
-        pipe = self._redis().pipeline(transaction=False)
+        pipe = self._redis.client().pipeline(transaction=False)
         run_key = ""
         run: list[str] = []
         for emission in batch:
@@ -201,6 +192,4 @@ class RedisTransport:
         done[0] = len(batch)
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-        self._client = None
+        self._redis.close()

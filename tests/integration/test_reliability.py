@@ -58,7 +58,7 @@ def app(env: dict[str, str]) -> Litestar:
 
 @pytest.fixture
 def store(app: Litestar) -> Iterator[FailedStore]:
-    made = failed_store_for(_emitter(app).config)
+    made = failed_store_for(_emitter(app).config, _emitter(app).celery_app)
     made.purge()
     yield made
     made.close()

@@ -17,6 +17,7 @@ import redis
 from litestar.testing import TestClient
 
 from litestar_celery_events import cancel_scheduled, emit_later
+from litestar_celery_events.brokers import redis_settings_for_url
 from litestar_celery_events.stores.schedule import RedisScheduleStore, redis_keys, stage_delayed
 from tests.apps.recording import create_app
 from tests.helpers import CeleryProcess, celery_worker, runs_of, wait_for
@@ -63,7 +64,7 @@ def test_delay_and_at_are_honoured_not_before_and_shortly_after(
 
 
 def test_racing_movers_enqueue_each_due_event_exactly_once(redis_url: str, store: redis.Redis) -> None:
-    movers = [RedisScheduleStore(redis_url) for _ in range(4)]
+    movers = [RedisScheduleStore(redis_settings_for_url(redis_url).open()) for _ in range(4)]
     assert movers[0].move_due(time.time()) == (0, None)  # an empty store
     queue = f"race-{os.environ['TEST_QUEUE']}"
     pipe = store.pipeline(transaction=False)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from litestar_celery_events import CeleryEventsConfig
+from litestar_celery_events.brokers import redis_settings_for_url
+from litestar_celery_events.celery_app import build_celery_app
 from litestar_celery_events.runtime.failures import ListenerFailure, failure_from_exception
 from litestar_celery_events.stores.failed import (
     FailedStore,
@@ -44,7 +46,7 @@ def _failure(
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FailedStore]:
     if request.param == "redis":
         url = request.getfixturevalue("redis_url")
-        made: FailedStore = RedisFailedStore(url, f"test-{uuid.uuid4().hex[:8]}:failed")
+        made: FailedStore = RedisFailedStore(redis_settings_for_url(url).open(), f"test-{uuid.uuid4().hex[:8]}:failed")
     else:
         made = SqliteFailedStore(tmp_path / "failed.sqlite3")
     yield made
@@ -100,11 +102,14 @@ def test_delete_and_purge_report_what_they_removed(store: FailedStore) -> None:
 
 
 def test_the_store_follows_the_broker(tmp_path: Path) -> None:
-    on_redis = failed_store_for(CeleryEventsConfig(broker_url="redis://:secret@localhost:6379/0"))
+    def store_of(config: CeleryEventsConfig) -> FailedStore:
+        return failed_store_for(config, build_celery_app(config))
+
+    on_redis = store_of(CeleryEventsConfig(broker_url="redis://:secret@localhost:6379/0"))
     assert isinstance(on_redis, RedisFailedStore)
     assert "secret" not in on_redis.location
     assert on_redis.location.endswith("key events:failed")
-    prefixed = failed_store_for(
+    prefixed = store_of(
         CeleryEventsConfig(
             broker_url="redis://localhost/0",
             task_name_prefix="app",
@@ -112,12 +117,10 @@ def test_the_store_follows_the_broker(tmp_path: Path) -> None:
         )
     )
     assert prefixed.location.endswith("key tenant1:app:failed")
-    on_amqp = failed_store_for(CeleryEventsConfig(broker_url="amqp://guest:guest@localhost//", data_dir=str(tmp_path)))
+    on_amqp = store_of(CeleryEventsConfig(broker_url="amqp://guest:guest@localhost//", data_dir=str(tmp_path)))
     assert isinstance(on_amqp, SqliteFailedStore)
     assert on_amqp.path == tmp_path / "failed.sqlite3"
-    explicit = failed_store_for(
-        CeleryEventsConfig(broker_url="amqp://x", failed_store_url=f"sqlite:///{tmp_path}/f.db")
-    )
+    explicit = store_of(CeleryEventsConfig(broker_url="amqp://x", failed_store_url=f"sqlite:///{tmp_path}/f.db"))
     assert isinstance(explicit, SqliteFailedStore)
     assert explicit.path == tmp_path / "f.db"
 
