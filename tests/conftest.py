@@ -19,6 +19,9 @@ import pytest
 
 from tests.helpers import free_port, port_open, redis_server_binary, wait_for
 
+# TLS, password/ACL, unix socket and Sentinel servers for the connection tests, started on demand.
+pytest_plugins = ["tests.redis_servers"]
+
 # Unique queues per session: several runs may share the machine's RabbitMQ.
 SESSION_TAG = uuid.uuid4().hex[:8]
 os.environ.setdefault("TEST_QUEUE", f"events-{SESSION_TAG}")
