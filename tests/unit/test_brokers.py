@@ -18,6 +18,9 @@ from litestar_celery_events.brokers import (
     redis_settings,
     redis_settings_for_url,
 )
+from litestar_celery_events.stores.schedule import RedisScheduleStore, schedule_store_for
+from litestar_celery_events.transports import transport_for
+from litestar_celery_events.transports.redis import RedisTransport
 
 
 def _app(url: str, **settings: Any) -> Celery:
@@ -184,3 +187,20 @@ def test_no_answering_server_names_the_list_without_its_passwords() -> None:
 )
 def test_redact_url_handles_lists_and_queries(text: str, expected: str) -> None:
     assert redact_url(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "options"),
+    [
+        ("rediss://h:6380/0?ssl_cert_reqs=required", {}),
+        ("redis+socket:///run/redis.sock", {}),
+        ("sentinel://s1:26379;sentinel://s2:26379", {"master_name": "m"}),
+        ("redis://a/0;redis://b/0", {}),
+    ],
+)
+def test_every_redis_flavour_gets_the_fast_transport_and_the_broker_side_stores(
+    url: str, options: dict[str, Any], tmp_path: Any
+) -> None:
+    app = _app(url, broker_transport_options=options)
+    assert isinstance(transport_for(app), RedisTransport)
+    assert isinstance(schedule_store_for(app, tmp_path), RedisScheduleStore)
