@@ -227,13 +227,15 @@ _settings_lock = threading.Lock()
 
 
 def redis_settings(celery_app: Celery) -> RedisSettings:
-    """The Redis settings of ``celery_app``'s broker (cached per app; recomputed if ``broker_url`` changes)."""
-    key = str(celery_app.conf.broker_write_url)
+    """The Redis settings of ``celery_app``'s broker, parsed once per app (again if its broker settings change)."""
+    conf = celery_app.conf
+    url = str(conf.broker_write_url)
+    key = repr((url, conf.broker_use_ssl, conf.broker_transport_options, conf.broker_user, conf.broker_password))
     cached = _settings_by_app.get(celery_app)
     if cached is not None and cached[0] == key:
         return cached[1]
     with _settings_lock:
-        settings = _settings_from(celery_app.connection_for_write(), key)
+        settings = _settings_from(celery_app.connection_for_write(), url)
         _settings_by_app[celery_app] = (key, settings)
     return settings
 

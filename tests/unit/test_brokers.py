@@ -147,6 +147,8 @@ def test_settings_are_parsed_once_per_app_and_again_when_the_broker_changes() ->
     assert redis_settings(app) is first
     app.conf.broker_url = "redis://g/0"
     assert redis_settings(app).endpoints[0].pool_kwargs["host"] == "g"
+    app.conf.broker_transport_options = {"global_keyprefix": "x:"}
+    assert redis_settings(app).global_keyprefix == "x:"
 
 
 def test_a_client_made_before_a_fork_is_not_used_after_it() -> None:
