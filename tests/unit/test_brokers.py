@@ -132,6 +132,7 @@ def test_sentinel_urls_make_one_sentinel_group_with_the_master_name() -> None:
         ("rediss://h/0", {"broker_use_ssl": {"ssl_cert_reqs": "sometimes"}}, "broker_use_ssl"),
         ("redis://h/zero", {}, "database number"),
         ("redis://h/0;amqp://h//", {}, "failover list"),
+        ("redis://h/0", {"broker_transport_options": {"password": "pw"}}, "broker_user / broker_password"),
     ],
 )
 def test_a_setting_kombu_would_use_but_the_library_cannot_is_refused_by_name(

@@ -1,11 +1,9 @@
-"""Broker URLs and the one Redis client factory: every Redis connection is the one kombu would open.
+"""The one Redis client factory: every Redis connection the library opens is the one kombu would open.
 
-URL helpers: which broker a URL names, the server-less default, URLs safe to print.
-
-The factory: the publisher, the failed-events store, the delayed-event store and its mover, beat
-and the CLI all reach the broker's Redis through ``redis_settings(celery_app).open()``. The
-settings are read where Celery reads them (``app.connection_for_write()``: ``broker_url`` with its
-``;`` failover list, ``broker_use_ssl``, the ``rediss://`` query spellings, ``broker_user`` and
+The publisher, the failed-events store, the delayed-event store and its mover, beat and the CLI
+all reach the broker's Redis through ``redis_settings(celery_app).open()``. The settings are read
+where Celery reads them (``app.connection_for_write()``: ``broker_url`` with its ``;`` failover
+list, ``broker_use_ssl``, the ``rediss://`` query spellings, ``broker_user`` and
 ``broker_password``, ``broker_transport_options``) and turned into redis-py arguments the way
 kombu's Redis channel does (``Channel._connparams``, ``SentinelChannel``), once per Celery app at
 start-up. A setting the library cannot honour raises ``BrokerSettingError`` naming it.
@@ -15,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -27,67 +24,13 @@ from kombu.utils import symbol_by_name
 from kombu.utils.url import url_to_parts
 from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 
+from litestar_celery_events.brokers.urls import REDIS_TRANSPORTS, SOCKET_TIMEOUT_S, BrokerSettingError, redact_url
+
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = (
-    "EMBEDDED_BROKER_URL",
-    "SOCKET_TIMEOUT_S",
-    "BrokerRedis",
-    "BrokerSettingError",
-    "RedisSettings",
-    "embedded_broker_url",
-    "is_embedded_url",
-    "is_redis_url",
-    "redact_url",
-    "redis_settings",
-    "redis_settings_for_url",
-    "retry_delay_s",
-    "worth_logging",
-)
+__all__ = ("BrokerRedis", "RedisSettings", "redis_settings", "redis_settings_for_url")
 
-EMBEDDED_BROKER_URL = "filesystem://"
-"""kombu's filesystem transport (its folders are set in transport options): needs no server."""
-SOCKET_TIMEOUT_S = 10.0
-"""Socket timeouts of the library's own Redis clients when ``broker_transport_options`` sets none
-(kombu's default is to wait forever: a half-open connection would hang a publish or a store call)."""
-MAX_RETRY_DELAY_S = 2.0
-
-# The secret runs to the last "@" before the end of that URL: a space, a quote, or the ";" between
-# the URLs of a failover or Sentinel list (kombu splits there, so no usable password contains one).
-_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z0-9+.\-]+://[^:/@\s;]*:)(?P<secret>[^\s;\"']+)(?P<tail>@)", re.IGNORECASE)
-
-
-class BrokerSettingError(ValueError):
-    """A broker setting the library cannot honour the way Celery does; raised at start-up, naming it."""
-
-
-def redact_url(text: str) -> str:
-    """Replace the password of every URL in ``text`` (``;`` lists too) with ``***``: secrets never reach logs."""
-    return _PASSWORD_IN_URL.sub(r"\g<head>***\g<tail>", text)
-
-
-def embedded_broker_url() -> str:
-    """The server-less default broker."""
-    return EMBEDDED_BROKER_URL
-
-
-def is_embedded_url(url: object) -> bool:
-    return str(url).startswith(EMBEDDED_BROKER_URL)
-
-
-def retry_delay_s(failures: int) -> float:
-    """Wait after ``failures`` broker errors in a row (publisher, mover): 0.1 s, doubling, capped at 2 s."""
-    return min(MAX_RETRY_DELAY_S, 0.05 * 2.0 ** min(failures, 6))
-
-
-def worth_logging(failures: int) -> bool:
-    """Log the first broker error of a run and every 50th after it, not each retry."""
-    return failures == 1 or failures % 50 == 0
-
-
-REDIS_TRANSPORTS = frozenset({"redis", "rediss", "sentinel"})
-"""kombu transports served by ``kombu.transport.redis`` (``redis+socket://`` is ``redis``)."""
 _DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "sentinel": 26379}
 # Transport options kombu's Redis channel hands to redis-py (``Channel.from_transport_options``).
 _POOL_OPTIONS = (
@@ -102,16 +45,6 @@ _POOL_OPTIONS = (
 )
 _KOMBU_HEALTH_CHECK_INTERVAL_S = 25
 _SSL_KEYS = frozenset(p for p in inspect.signature(redis.SSLConnection.__init__).parameters if p.startswith("ssl_"))
-
-
-def _scheme(url: str) -> str:
-    first = url.split(";", 1)[0].strip()
-    return first.partition("://")[0].lower() if "://" in first else ""
-
-
-def is_redis_url(url: object) -> bool:
-    """True for a broker URL Celery serves through kombu's Redis transport (TLS, unix socket, Sentinel too)."""
-    return _scheme(str(url)).partition("+")[0] in REDIS_TRANSPORTS
 
 
 @dataclass(frozen=True)
@@ -252,6 +185,12 @@ def _settings_from(connection: Connection, url: str) -> RedisSettings:
             f"broker_url {redact_url(url)!r} is not a Redis broker (kombu transport {transport!r})"
         )
     options: dict[str, Any] = dict(connection.transport_options or {})
+    misplaced = sorted({"username", "password"} & set(options))
+    if misplaced:  # kombu never reads them there: Celery would connect without them
+        raise BrokerSettingError(
+            f"broker_transport_options {misplaced} are not read by kombu's Redis transport; put the user and "
+            "password in broker_url (redis://user:password@host/0) or in broker_user / broker_password"
+        )
     alternates = [str(a) for a in connection.alt] or [url]
     if transport == "sentinel":
         endpoints: tuple[_Endpoint, ...] = (_sentinel_endpoint(connection, alternates, options),)
