@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import warnings
 from typing import Any
 
 import pytest
@@ -159,6 +160,31 @@ def test_a_client_made_before_a_fork_is_not_used_after_it() -> None:
     handle._pid = os.getpid() + 1  # as seen from a forked child
     child = handle.client()
     assert child is not parent
+
+
+def test_a_forked_child_makes_its_own_client_and_leaves_the_parents_working(redis_url: str) -> None:
+    handle = redis_settings_for_url(redis_url).open()
+    parent = handle.client()
+    parent.set("fork-rule", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork() in a process with threads
+        pid = os.fork()
+    if pid == 0:  # the child: report through the exit code only
+        ok = False
+        try:
+            child = handle.client()
+            ok = child is not parent and child.get("fork-rule") == b"1"
+            handle.close()  # closes the child's own connections, never the parent's socket
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    try:
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert handle.client() is parent
+        assert parent.get("fork-rule") == b"1", "the parent's connection survived the child's close()"
+    finally:
+        parent.delete("fork-rule")
+        handle.close()
 
 
 def test_the_first_answering_server_of_a_failover_list_is_used(redis_url: str) -> None:
