@@ -249,7 +249,7 @@ def _pool_kwargs(connection: Connection, options: dict[str, Any], transport: str
     for name in _POOL_OPTIONS:
         if options.get(name) is not None:
             kwargs[name] = options[name]
-    _credential_provider(connection.credential_provider, kwargs)
+    _credential_provider(getattr(connection, "credential_provider", None), kwargs)  # kombu 5.6+ (celery/kombu#2408)
     kwargs.update(_ssl_kwargs(connection.ssl))
     virtual_host = connection.virtual_host
     host = str(kwargs["host"])
