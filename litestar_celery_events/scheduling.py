@@ -2,8 +2,9 @@
 
 ``emit_later`` validates exactly like ``emit`` and hands the emission to the same background
 publisher (no network I/O on the caller's thread). On Redis the publisher writes it into a
-broker-side store (a sorted set by due time, see ``schedule_store``) and a mover enqueues it as an
-ordinary Celery message when due; on other brokers it is sent with Celery's ``eta``.
+broker-side store (a sorted set by due time, see ``stores.schedule``) and a mover enqueues it as an
+ordinary Celery message when due; on RabbitMQ it waits in the broker's delay levels
+(``transports.amqp_delay``); on the embedded broker it is sent with Celery's ``eta``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import weakref
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from litestar_celery_events.brokers import redact_url
+from litestar_celery_events.brokers import is_amqp_url, redact_url
 from litestar_celery_events.contract.periodic import PeriodicEvent
 from litestar_celery_events.emitter import emitter_of
 from litestar_celery_events.stores.schedule import RedisScheduleStore, ScheduleStore, eta_of, schedule_store_for
+from litestar_celery_events.transports.amqp_delay import MAX_DELAY_S, DelayLevels, target_queue_problem
 
 if TYPE_CHECKING:
     from litestar import Litestar
@@ -109,6 +111,11 @@ class _Scheduled:
                 self.due_by_id = dict(kept[-int(MAX_REMEMBERED_IDS * 0.9) :])
             self.due_by_id[emission_id] = due
 
+    def due_of(self, emission_id: str) -> float | None:
+        """The due time of ``emission_id`` if this process scheduled it."""
+        with self.lock:
+            return self.due_by_id.get(emission_id)
+
     def forget_if_not_due(self, emission_id: str) -> bool:
         """Forget ``emission_id``; True if this process scheduled it and it is not due yet (so no
         mover can have moved it: it is in the store, or the tombstone stops the publisher's write)."""
@@ -135,7 +142,7 @@ def scheduling_status(emitter: CeleryEventEmitter, timeout_s: float) -> dict[str
     """For ``events status``: where delayed events wait (and how many), and each periodic event's last tick."""
     store = schedule_store_for(emitter.celery_app, emitter.config.resolved_data_dir, timeout_s)
     status: dict[str, Any] = {
-        "delayed_events_wait_in": "redis store" if isinstance(store, RedisScheduleStore) else "workers (Celery eta)",
+        "delayed_events_wait_in": _where_delayed_events_wait(emitter, store),
         "periodic": [{"name": p.key, "event_id": p.event_id} for p in emitter.config.periodic],
     }
     try:
@@ -153,6 +160,29 @@ def scheduling_status(emitter: CeleryEventEmitter, timeout_s: float) -> dict[str
     return status
 
 
+def _where_delayed_events_wait(emitter: CeleryEventEmitter, store: ScheduleStore) -> str:
+    if isinstance(store, RedisScheduleStore):
+        return "redis store"
+    if is_amqp_url(emitter.celery_app.conf.broker_url):
+        return f"rabbitmq delay queues ({DelayLevels.of(emitter.celery_app).prefix}_celery_delayed_0..27)"
+    return "workers (Celery eta)"
+
+
+def _check_broker_can_delay(emitter: CeleryEventEmitter, event_id: str, queue: str | None, delay_s: float) -> None:
+    """RabbitMQ: the delay levels hold up to MAX_DELAY_S, for a queue a topic binding can name."""
+    celery_app = emitter.celery_app
+    if not is_amqp_url(celery_app.conf.broker_url):
+        return
+    if delay_s > MAX_DELAY_S:
+        raise ScheduleError(
+            f"cannot schedule event {event_id!r}: {delay_s:.0f}s ahead is beyond the {MAX_DELAY_S}s (about 8.5 "
+            "years) RabbitMQ's delay levels hold; schedule it nearer and re-schedule from its listener"
+        )
+    problem = target_queue_problem(queue or celery_app.conf.task_default_queue)
+    if problem:
+        raise ScheduleError(f"cannot schedule event {event_id!r} on RabbitMQ: {problem}")
+
+
 def emit_later(
     app: Litestar,
     event_id: str,
@@ -164,13 +194,17 @@ def emit_later(
     """Emit ``event_id`` after ``delay`` (seconds or ``timedelta``) or ``at`` (an aware ``datetime``).
 
     Returns the emission id (for ``cancel_scheduled``). Raises what ``emit`` raises, plus
-    ``ScheduleError`` for a missing, doubled, naive or past due time; nothing is enqueued then.
+    ``ScheduleError`` for a missing, doubled, naive or past due time (on RabbitMQ also one beyond
+    ``MAX_DELAY_S``, about 8.5 years); nothing is enqueued then. On RabbitMQ a delay is rounded up
+    to whole seconds: the event runs at, or up to a second after, its due time.
     No network I/O here: the publisher thread writes it (so ``delay`` and ``at`` cannot be
     listener argument names).
     """
     emitter = emitter_of(app)
-    due = _due_time(event_id, delay, at, time.time())
+    now = time.time()
+    due = _due_time(event_id, delay, at, now)
     emission = emitter.prepare(event_id, args, kwargs)
+    _check_broker_can_delay(emitter, event_id, emission.queue, due - now)
     emission.eta = eta_of(due)
     state = _scheduled_of(emitter)
     state.remember(emission.emission_id, due)
@@ -186,7 +220,7 @@ def cancel_scheduled(app: Litestar, emission_id: str) -> bool:
     """
     emitter = emitter_of(app)
     state = _scheduled_of(emitter)
-    removed = state.store.cancel(emission_id)
+    removed = state.store.cancel(emission_id, state.due_of(emission_id))
     not_due_here = state.forget_if_not_due(emission_id)
     if isinstance(state.store, RedisScheduleStore):
         # The publisher may not have written it yet: the tombstone the cancel left stops that write.

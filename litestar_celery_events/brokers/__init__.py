@@ -2,11 +2,14 @@
 
 from litestar_celery_events.brokers.redis import BrokerRedis, RedisSettings, redis_settings, redis_settings_for_url
 from litestar_celery_events.brokers.urls import (
+    AMQP_TRANSPORTS,
     EMBEDDED_BROKER_URL,
+    MAX_AMQP_DELAY_S,
     REDIS_TRANSPORTS,
     SOCKET_TIMEOUT_S,
     BrokerSettingError,
     embedded_broker_url,
+    is_amqp_url,
     is_embedded_url,
     is_redis_url,
     redact_url,
@@ -15,13 +18,16 @@ from litestar_celery_events.brokers.urls import (
 )
 
 __all__ = (
+    "AMQP_TRANSPORTS",
     "EMBEDDED_BROKER_URL",
+    "MAX_AMQP_DELAY_S",
     "REDIS_TRANSPORTS",
     "SOCKET_TIMEOUT_S",
     "BrokerRedis",
     "BrokerSettingError",
     "RedisSettings",
     "embedded_broker_url",
+    "is_amqp_url",
     "is_embedded_url",
     "is_redis_url",
     "redact_url",

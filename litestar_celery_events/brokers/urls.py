@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 
 __all__ = (
+    "AMQP_TRANSPORTS",
     "EMBEDDED_BROKER_URL",
+    "MAX_AMQP_DELAY_S",
     "REDIS_TRANSPORTS",
     "SOCKET_TIMEOUT_S",
     "BrokerSettingError",
     "embedded_broker_url",
+    "is_amqp_url",
     "is_embedded_url",
     "is_redis_url",
     "redact_url",
@@ -69,3 +72,14 @@ def _scheme(url: str) -> str:
 def is_redis_url(url: object) -> bool:
     """True for a broker URL Celery serves through kombu's Redis transport (TLS, unix socket, Sentinel too)."""
     return _scheme(str(url)).partition("+")[0] in REDIS_TRANSPORTS
+
+
+AMQP_TRANSPORTS = frozenset({"amqp", "amqps", "pyamqp"})
+"""kombu transports served by py-amqp (RabbitMQ); ``librabbitmq`` is not among them (another channel API)."""
+MAX_AMQP_DELAY_S = 2**28 - 1
+"""The longest delay RabbitMQ's 28 delay levels hold: 268,435,455 s, about 8.5 years."""
+
+
+def is_amqp_url(url: object) -> bool:
+    """True for a broker URL Celery serves through kombu's py-amqp transport (RabbitMQ)."""
+    return _scheme(str(url)).partition("+")[0] in AMQP_TRANSPORTS

@@ -23,6 +23,7 @@ from litestar_celery_events.errors import EventPayloadError, PayloadTooLargeErro
 __all__ = (
     "CONTENT_ENCODING",
     "CONTENT_TYPE",
+    "DUE_AT_HEADER",
     "EMITTED_AT_HEADER",
     "EVENT_HEADER",
     "LISTENERS_HEADER",
@@ -37,6 +38,8 @@ CONTENT_TYPE = "application/json"
 CONTENT_ENCODING = "utf-8"
 EVENT_HEADER = "event_id"
 EMITTED_AT_HEADER = "emitted_at"
+DUE_AT_HEADER = "due_at"
+"""A delayed emission that waited in the broker (RabbitMQ's delay levels): its due time, ISO 8601."""
 LISTENERS_HEADER = "listeners"
 """Optional: run only these listeners of the event (replays and escalated retries)."""
 

@@ -1,9 +1,11 @@
-"""The worker side of delayed events: the mover (Redis) and the cancel check (other brokers).
+"""The worker side of delayed events: the mover (Redis), the delay levels (RabbitMQ), the cancel check.
 
 - ``Mover``: a thread in every worker main process and in beat (Redis brokers) that enqueues due
   delayed events with one Lua script call; several movers never enqueue an event twice.
+- ``DeclareDelayLevels``: a consumer bootstep (RabbitMQ) that declares the delay levels and binds
+  the worker's queues to them at every consumer start, after Celery declared those queues.
 - ``cancelled_before_run``: on brokers without the store, the event task of a delayed emission
-  asks the SQLite cancel set before running.
+  asks the cancel set before running.
 """
 
 from __future__ import annotations
@@ -13,22 +15,37 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from celery import signals
+from celery import bootsteps, signals
+from kombu.common import Broadcast
 
-from litestar_celery_events.brokers import redact_url, retry_delay_s, worth_logging
+from litestar_celery_events.brokers import is_amqp_url, redact_url, retry_delay_s, worth_logging
 from litestar_celery_events.config import DEFAULT_DATA_DIR, CeleryEventsConfig
+from litestar_celery_events.contract.message import DUE_AT_HEADER
 from litestar_celery_events.stores.schedule import RedisScheduleStore, SqliteScheduleStore, schedule_store_for
+from litestar_celery_events.transports.amqp_delay import DelayLevels
 
 if TYPE_CHECKING:
     from celery import Celery, Task
+    from celery.worker.consumer import Consumer
 
     from litestar_celery_events.stores.schedule import ScheduleStore
 
-__all__ = ("MOVE_BATCH", "Mover", "cancelled_before_run", "install_mover")
+__all__ = ("MOVE_BATCH", "DeclareDelayLevels", "Mover", "cancelled_before_run", "install_mover")
 
 logger = logging.getLogger("litestar_celery_events.scheduler")
 
 MOVE_BATCH = 1000
+DEAD_LETTER_HEADERS = (
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+)
+"""What RabbitMQ adds at each delay level; copied into a republished message (Celery < 5.5 retries),
+it makes RabbitMQ see a dead-letter cycle and drop the message at the first level it meets again."""
 
 
 class Mover:
@@ -89,13 +106,51 @@ class Mover:
             self._stop.wait(wait)
 
 
+class DeclareDelayLevels(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped here
+    """RabbitMQ: the delay levels and the bindings of this worker's queues, at every consumer start.
+
+    Idempotent (the same declarations each time); a level that exists with other arguments stops
+    the worker at start-up with ``DelayTopologyError`` naming the setting to change.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)  # Celery has declared the queues by then
+
+    def start(self, c: Consumer) -> None:
+        levels = DelayLevels.of(c.app)
+        queues = [q for q in c.app.amqp.queues.consume_from.values() if not isinstance(q, Broadcast)]
+        with c.app.connection_for_write() as connection:
+            channel = connection.default_channel
+            levels.declare(channel)
+            for queue in queues:
+                levels.bind(channel, queue.name)
+        logger.info(
+            "delayed events wait in RabbitMQ's delay levels %s_celery_delayed_0..27 (%s queues); bound: %s",
+            levels.prefix,
+            levels.queue_type,
+            ", ".join(q.name for q in queues),
+        )
+
+
 _stores: dict[int, ScheduleStore] = {}
 
 
-def cancelled_before_run(task: Task) -> bool:
-    """For the event task: True if this delayed emission (Celery ETA fallback) was cancelled."""
+def forget_dead_letter_headers(task: Task) -> None:
+    """Drop RabbitMQ's ``x-death`` headers from a delayed emission's request, so nothing copies them on."""
     request = task.request
-    if request.eta is None:
+    for name in DEAD_LETTER_HEADERS:
+        request.__dict__.pop(name, None)
+    if isinstance(request.headers, dict):
+        for name in DEAD_LETTER_HEADERS:
+            request.headers.pop(name, None)
+
+
+def cancelled_before_run(task: Task) -> bool:
+    """For the event task: True if this delayed emission (RabbitMQ's delay levels or Celery's ETA) was cancelled.
+
+    The one place that asks the cancel set (today SQLite under ``data_dir``).
+    """
+    request = task.request
+    if request.eta is None and request.get(DUE_AT_HEADER) is None:
         return False
     store = _stores.get(id(task.app))
     if store is None:
@@ -108,8 +163,12 @@ def cancelled_before_run(task: Task) -> bool:
 
 
 def install_mover(celery_app: Celery, config: CeleryEventsConfig) -> Mover | None:
-    """On Redis brokers: a mover in the worker's main process and in beat (started when they are ready)."""
+    """On Redis brokers: a mover in the worker's main process and in beat (started when they are ready).
+    On RabbitMQ: the delay levels, declared by each worker's consumer."""
     celery_app.celery_events_data_dir = config.resolved_data_dir
+    if is_amqp_url(celery_app.conf.broker_url):
+        DelayLevels.of(celery_app)  # a bad setting fails here, when the worker or beat loads the app
+        celery_app.steps["consumer"].add(DeclareDelayLevels)
     store = schedule_store_for(celery_app, config.resolved_data_dir)
     if not isinstance(store, RedisScheduleStore):
         return None

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 from celery import Task
 from celery.utils.time import get_exponential_backoff_interval
 
-from litestar_celery_events.contract.message import EMITTED_AT_HEADER, EVENT_HEADER, LISTENERS_HEADER
+from litestar_celery_events.contract.message import DUE_AT_HEADER, EMITTED_AT_HEADER, EVENT_HEADER, LISTENERS_HEADER
 from litestar_celery_events.contract.payloads import PayloadDecodeError
 from litestar_celery_events.errors import ListenerSignatureError
 from litestar_celery_events.runtime.failures import ListenerFailure, failure_from_exception, report_failure
 from litestar_celery_events.runtime.invoke import call_listener
-from litestar_celery_events.runtime.mover import cancelled_before_run
+from litestar_celery_events.runtime.mover import cancelled_before_run, forget_dead_letter_headers
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -122,9 +122,11 @@ def _register_event_task(
     scope: ListenerScope | None,
 ) -> Task:
     def run_event(self: Task, *args: Any, **kwargs: Any) -> None:
+        request = self.request
+        if request.get(DUE_AT_HEADER) is not None:
+            forget_dead_letter_headers(self)  # it came through RabbitMQ's delay levels
         if cancelled_before_run(self):  # emit_later on a broker without the delayed store
             return
-        request = self.request
         emission_id = request.id
         only = request.get(LISTENERS_HEADER)
         targets = specs if only is None else [s for s in specs if s.name in only]

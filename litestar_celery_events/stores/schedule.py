@@ -5,9 +5,9 @@ Redis brokers: a sorted set scored by due time plus a hash ``emission id -> prep
 of movers (one per worker main process, one per beat) enqueue each due event exactly once, and a
 cancel either removes the event or finds it already moved. Workers never see an undue event.
 
-Other brokers (RabbitMQ, the embedded filesystem broker): Celery's own ETA carries the delay and
-a SQLite file under ``data_dir`` keeps the cancel set and beat's ticks, so both survive restarts
-of processes that share that folder.
+Other brokers: the broker carries the delay (RabbitMQ's delay levels; Celery's ETA on the
+embedded broker) and a SQLite file under ``data_dir`` keeps the cancel set and beat's ticks, so
+both survive restarts of processes that share that folder.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 
-from litestar_celery_events.brokers import is_redis_url, redis_settings
+from litestar_celery_events.brokers import MAX_AMQP_DELAY_S, is_redis_url, redis_settings
 from litestar_celery_events.stores.lua import lua_script
 
 if TYPE_CHECKING:
@@ -77,8 +77,8 @@ def stage_delayed(
 class ScheduleStore(Protocol):
     """What ``cancel_scheduled`` and beat need from the broker side."""
 
-    def cancel(self, emission_id: str) -> bool:
-        """Make sure ``emission_id`` never runs; True if it was waiting and is now removed."""
+    def cancel(self, emission_id: str, due_ts: float | None = None) -> bool:
+        """Make sure ``emission_id`` (due at ``due_ts``, if known) never runs; True if it was waiting and now is not."""
 
     def claim_tick(self, name: str, slot: float) -> bool:
         """True for the first caller claiming tick ``slot`` (a Unix timestamp) of schedule ``name``."""
@@ -100,7 +100,7 @@ class RedisScheduleStore:
     def client(self) -> redis.Redis:
         return self._redis.client()
 
-    def cancel(self, emission_id: str) -> bool:
+    def cancel(self, emission_id: str, due_ts: float | None = None) -> bool:
         keys = [self.zset, self.messages, self._tombstones + emission_id]
         return bool(
             lua_script(self.client, "cancel")(keys=keys, args=[emission_id, CANCEL_MEMORY_S], client=self.client)
@@ -147,9 +147,11 @@ class RedisScheduleStore:
 class SqliteScheduleStore:
     """The fallback for brokers without a store: a cancel set and beat's ticks in one SQLite file.
 
-    The delay itself rides on Celery's ETA. The event task asks ``may_run`` before running a
+    The delay itself rides on the broker. The event task asks ``may_run`` before running a
     delayed emission; ``cancel`` and ``may_run`` exclude each other in one transaction, so a
-    cancel that returns True means the listeners never run, also after any restart.
+    cancel that returns True means the listeners never run, also after any restart. A cancel is
+    kept until ``CANCEL_MEMORY_S`` after the emission was due (or, due time unknown, after the
+    longest delay a broker holds), and for ``CANCEL_MEMORY_S`` after the event task first met it.
     """
 
     def __init__(self, path: Path) -> None:
@@ -157,7 +159,11 @@ class SqliteScheduleStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("CREATE TABLE IF NOT EXISTS cancelled (id TEXT PRIMARY KEY, at REAL NOT NULL)")
+            # forget_after: delays up to years on RabbitMQ; a cancel must outlive its emission's due time.
+            db.execute("CREATE TABLE IF NOT EXISTS cancels (id TEXT PRIMARY KEY, forget_after REAL NOT NULL)")
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'cancelled'").fetchone():  # the old cancel set
+                db.execute("INSERT OR IGNORE INTO cancels SELECT id, at + ? FROM cancelled", (CANCEL_MEMORY_S,))
+                db.execute("DROP TABLE cancelled")
             db.execute("CREATE TABLE IF NOT EXISTS dispatched (id TEXT PRIMARY KEY, at REAL NOT NULL)")
             db.execute("CREATE TABLE IF NOT EXISTS ticks (name TEXT PRIMARY KEY, slot REAL NOT NULL)")
 
@@ -175,12 +181,15 @@ class SqliteScheduleStore:
             db.execute("COMMIT")
             return result
 
-    def cancel(self, emission_id: str) -> bool:
+    def cancel(self, emission_id: str, due_ts: float | None = None) -> bool:
+        now = time.time()
+        forget_after = (now + MAX_AMQP_DELAY_S if due_ts is None else max(now, due_ts)) + CANCEL_MEMORY_S
+
         def run(db: sqlite3.Connection) -> bool:
             if db.execute("SELECT 1 FROM dispatched WHERE id = ?", (emission_id,)).fetchone():
                 return False
-            db.execute("INSERT OR IGNORE INTO cancelled VALUES (?, ?)", (emission_id, time.time()))
-            db.execute("DELETE FROM cancelled WHERE at < ?", (time.time() - CANCEL_MEMORY_S,))
+            db.execute("INSERT OR IGNORE INTO cancels VALUES (?, ?)", (emission_id, forget_after))
+            db.execute("DELETE FROM cancels WHERE forget_after < ?", (now,))
             return True
 
         return bool(self._in_transaction(run))
@@ -189,7 +198,12 @@ class SqliteScheduleStore:
         """Called by the event task of a delayed emission: False if it was cancelled."""
 
         def run(db: sqlite3.Connection) -> bool:
-            if db.execute("SELECT 1 FROM cancelled WHERE id = ?", (emission_id,)).fetchone():
+            if db.execute("SELECT 1 FROM cancels WHERE id = ?", (emission_id,)).fetchone():
+                # Met once: kept CANCEL_MEMORY_S more for redeliveries of the same message.
+                db.execute(
+                    "UPDATE cancels SET forget_after = MIN(forget_after, ?) WHERE id = ?",
+                    (time.time() + CANCEL_MEMORY_S, emission_id),
+                )
                 return False
             db.execute("INSERT OR IGNORE INTO dispatched VALUES (?, ?)", (emission_id, time.time()))
             db.execute("DELETE FROM dispatched WHERE at < ?", (time.time() - CANCEL_MEMORY_S,))
