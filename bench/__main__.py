@@ -23,17 +23,27 @@ from bench.report import render
 __all__ = ("main",)
 
 RESULTS = ROOT / "bench" / "results"
-STEPS = ("emit_cost", "publish", "async_calls", "request_path", "stall", "e2e", "memory", "scheduling")
+STEPS = (
+    "emit_cost",
+    "publish",
+    "async_calls",
+    "request_path",
+    "stall",
+    "e2e",
+    "memory",
+    "scheduling",
+    "amqp_delayed",
+)
 
 
-def _scheduling() -> dict[str, Any]:
-    """The scheduling benchmark (bench/scheduling.py, its own engineer's) in a process of its own."""
-    code = "import json, sys; from bench.scheduling import run; r = {}; run(r); print(json.dumps(r))"
+def _own_process(module: str, timeout_s: float) -> dict[str, Any]:
+    """A benchmark that sets env for its workers (``bench.<module>.run``), in a process of its own."""
+    code = f"import json, sys; from bench.{module} import run; r = {{}}; run(r); print(json.dumps(r))"
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=420, check=False
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False
     )
     if out.returncode != 0:
-        raise RuntimeError(f"bench.scheduling exited with {out.returncode}: {out.stderr[-2000:]}")
+        raise RuntimeError(f"bench.{module} exited with {out.returncode}: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
@@ -63,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             "async_calls": lambda: inprocess.async_calls(reps),
             "e2e": lambda: e2e.run_e2e(redis, max(2, reps - 2), n=2_000 if args.quick else 4_000),
             "memory": memory.run_memory,
-            "scheduling": _scheduling,
+            "scheduling": lambda: _own_process("scheduling", 420),
+            "amqp_delayed": lambda: _own_process("amqp_delayed", 600)["amqp_delayed"],
         }
         web = [s for s in ("request_path", "stall") if s in steps]
         for step in steps:

@@ -227,7 +227,50 @@ def _targets(r: dict[str, Any]) -> list[str]:  # noqa: PLR0915 - one row per tar
         )
         due = sched.get("due_to_start_ms") or {}
         row("… due → start latency p50 / p99", f"{_num(due.get('median'), 1)} / {_num(due.get('p99'), 1)} ms", "", "")
+    _amqp_delayed_rows(r.get("amqp_delayed"), row)
     return rows
+
+
+def _amqp_delayed_rows(a: dict[str, Any] | None, row: Any) -> None:
+    """RabbitMQ: the delay levels and Celery's ETA, side by side in one run."""
+    if not a or "delay_levels" not in a:
+        return
+    levels, eta = a["delay_levels"], a.get("celery_eta", {})
+    late = levels["due_soon_lateness"]
+    backlog = f"{_num(levels['backlog_an_hour_ahead'])} due in an hour"
+    row(
+        f"RabbitMQ: {late['expected']} events due in 3 s behind {backlog}: start - due p95 (delay levels)",
+        f"{_num(late.get('p95_s'), 2)} s (min {_num(late.get('min_s'), 2)}, max {_num(late.get('max_s'), 2)}; "
+        f"{late['started']}/{late['expected']} started, {late['early']} early)",
+        "≤ 3 s, never early",
+        _met(late.get("p95_s"), 3.0, higher_is_better=False) if late["started"] == late["expected"] else "**no**",
+    )
+    if eta:
+        waited = eta["waited_s"]
+        row(
+            f"… Celery's ETA (baseline, same run): started within {_num(waited, 0)} s of due / within 3 s",
+            f"{_num(eta.get(f'due_soon_started_within_{waited:g}s'))} / "
+            f"{_num(eta['due_soon_lateness'].get('started_within_3s'))} of {eta['due_soon']} "
+            f"(worker held {_num(eta.get('held_by_worker_after_wait'))} of the backlog)",
+            "(issue: 0 of 100)",
+            "",
+        )
+    row(
+        f"RabbitMQ: worker RSS growth with {_num(levels['scheduled_an_hour_ahead'])} scheduled an hour ahead",
+        f"{_num(levels['worker_rss_growth_mib'], 1)} MiB ({_num(levels['worker_rss_idle_mib'], 1)} → "
+        f"{_num(levels['worker_rss_with_scheduled_mib'], 1)}; {_num(levels['waiting_in_delay_levels'])} in the "
+        f"delay levels, {_num(levels['waiting_in_event_queue'])} in the event queue)",
+        "< 50 MB",
+        _met(levels["worker_rss_growth_mib"] * 1.048576, 50.0, higher_is_better=False),
+    )
+    if eta:
+        row(
+            f"… Celery's ETA worker after {_num(eta['waited_s'], 0)} s of the {_num(eta['backlog_an_hour_ahead'])} "
+            "backlog (baseline)",
+            f"+{_num(eta['worker_rss_growth_mib'], 1)} MiB",
+            "",
+            "",
+        )
 
 
 def _details(r: dict[str, Any]) -> list[str]:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, port_open, redis_server_binary, wait_for
+from litestar_celery_events.transports.amqp_delay import DelayLevels
+from tests.helpers import amqp_queue_exists, delete_delay_levels, free_port, port_open, redis_server_binary, wait_for
 
 # TLS, password/ACL, unix socket and Sentinel servers for the connection tests, started on demand.
 pytest_plugins = ["tests.redis_servers"]
@@ -47,7 +48,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def amqp_url() -> str:
+def amqp_url() -> Iterator[str]:
     if not port_open(5672) and shutil.which("rabbitmq-server"):
         subprocess.run(["rabbitmq-server", "-detached"], check=False)
         wait_for(lambda: port_open(5672), timeout=60, what="rabbitmq-server")
@@ -55,7 +56,12 @@ def amqp_url() -> str:
         if os.environ.get("CI"):
             pytest.fail("RabbitMQ is not reachable on 127.0.0.1:5672 and could not be started")
         pytest.skip("RabbitMQ is not installed on this machine")
-    return "amqp://guest:guest@127.0.0.1:5672//"
+    url = "amqp://guest:guest@127.0.0.1:5672//"
+    levels = DelayLevels()  # every worker on RabbitMQ declares the default delay levels
+    existed = amqp_queue_exists(url, levels.top_exchange)
+    yield url
+    if not existed:  # this session made them: delete them once empty (another session may use them now)
+        delete_delay_levels(url, levels, if_empty=True)
 
 
 @pytest.fixture(params=["redis", "amqp"])

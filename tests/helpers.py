@@ -8,12 +8,16 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from kombu import Connection
 
 from harness import ROOT, LoggedProcess, free_port, http_get, http_up, port_open, redis_server_binary, wait_for
 
 __all__ = (
     "ROOT",
+    "amqp_queue_exists",
+    "delete_delay_levels",
     "CeleryProcess",
     "LoggedProcess",
     "celery_worker",
@@ -26,6 +30,32 @@ __all__ = (
     "runs_of",
     "wait_for",
 )
+
+
+if TYPE_CHECKING:
+    from litestar_celery_events.transports.amqp_delay import DelayLevels
+
+
+def amqp_queue_exists(amqp_url: str, queue: str) -> bool:
+    with Connection(amqp_url) as connection:
+        try:
+            connection.channel().queue_declare(queue=queue, passive=True)
+        except Exception:  # noqa: BLE001 - 404 NOT_FOUND (it closes the channel)
+            return False
+        return True
+
+
+def delete_delay_levels(amqp_url: str, levels: DelayLevels, if_empty: bool = False) -> None:
+    """Delete the delay levels' queues and exchanges (with ``if_empty``: only if no level holds a message)."""
+    with Connection(amqp_url) as connection:
+        channel = connection.channel()
+        names = levels.names()
+        if if_empty and any(channel.queue_declare(queue=name, passive=True).message_count for name in names[:-1]):
+            return
+        for name in names:
+            if name != levels.delivery_exchange:
+                channel.queue_delete(name)
+            channel.exchange_delete(name)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

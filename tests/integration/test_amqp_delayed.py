@@ -22,7 +22,14 @@ from litestar_celery_events import cancel_scheduled, emit_later
 from litestar_celery_events.transports.amqp_delay import DelayLevels, level_name
 from tests.apps.delayed import create_app
 from tests.conftest import SESSION_TAG
-from tests.helpers import CeleryProcess, celery_worker, runs_of, wait_for
+from tests.helpers import (
+    CeleryProcess,
+    amqp_queue_exists,
+    celery_worker,
+    delete_delay_levels,
+    runs_of,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -33,39 +40,28 @@ CELERY_LEVELS = [f"celery_delayed_{level}" for level in range(28)] + ["celery_de
 """Celery's own levels: its worker declares them on "/" when it sees a quorum queue."""
 
 
-def _delete_levels(amqp_url: str, levels: DelayLevels) -> None:
-    with Connection(amqp_url) as connection:
-        channel = connection.channel()
-        for name in levels.names():
-            if name != levels.delivery_exchange:
-                channel.queue_delete(name)
-            channel.exchange_delete(name)
+class CeleryLevels(DelayLevels):
+    """Celery's own levels' names (kombu without a prefix), to delete them."""
 
+    def __init__(self) -> None:
+        super().__init__("celery", "quorum")
+        self.delivery_exchange = CELERY_LEVELS[-1]
 
-def _exists(amqp_url: str, queue: str) -> bool:
-    with Connection(amqp_url) as connection:
-        try:
-            connection.channel().queue_declare(queue=queue, passive=True)
-        except Exception:  # noqa: BLE001 - 404 NOT_FOUND closes the channel
-            return False
-        return True
+    def names(self) -> list[str]:
+        return CELERY_LEVELS
 
 
 @pytest.fixture(scope="session")
 def level_prefixes(amqp_url: str) -> Iterator[dict[str, str]]:
     """A prefix per delay queue type for this session; its levels are deleted at the end."""
     prefixes = {kind: f"test-{SESSION_TAG}-{kind}" for kind in ("classic", "quorum")}
-    celery_levels_before = _exists(amqp_url, CELERY_LEVELS[27])
+    celery_levels_before = amqp_queue_exists(amqp_url, CELERY_LEVELS[27])
     yield prefixes
     for kind, prefix in prefixes.items():
-        _delete_levels(amqp_url, DelayLevels(prefix, kind))
-    if not celery_levels_before and _exists(amqp_url, CELERY_LEVELS[27]):
-        with Connection(amqp_url) as connection:  # declared by Celery's worker for the quorum queue test
-            channel = connection.channel()
-            for name in CELERY_LEVELS:
-                if name != CELERY_LEVELS[-1]:
-                    channel.queue_delete(name)
-                channel.exchange_delete(name)
+        delete_delay_levels(amqp_url, DelayLevels(prefix, kind))
+    if not celery_levels_before and amqp_queue_exists(amqp_url, CELERY_LEVELS[27]):
+        # Celery's own levels, declared by Celery's worker for the quorum queue test: same layout, no prefix.
+        delete_delay_levels(amqp_url, CeleryLevels(), if_empty=True)
 
 
 @pytest.fixture
@@ -251,8 +247,7 @@ def test_delay_levels_of_another_type_stop_the_worker_with_the_setting_to_change
         assert "DelayTopologyError" in log
         assert "broker_native_delayed_delivery_queue_type" in log
     finally:
-        _delete_levels(amqp_url, classic)
+        delete_delay_levels(amqp_url, classic)
         with Connection(amqp_url) as connection:
             connection.channel().queue_delete(env["TEST_QUEUE"])
             connection.channel().exchange_delete(env["TEST_QUEUE"])
-
