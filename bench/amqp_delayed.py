@@ -76,7 +76,7 @@ def create_app() -> Litestar:
 
 
 def _worker(env: dict[str, str], queue: str, log: Path) -> CeleryWorker:
-    args = ["--loglevel", "WARNING", "--concurrency", "2", "--queues", queue, "--without-gossip", "--without-mingle"]
+    args = ["--loglevel", "INFO", "--concurrency", "2", "--queues", queue, "--without-gossip", "--without-mingle"]
     args += ["--hostname", f"bench-{uuid.uuid4().hex[:6]}@%h"]
     return CeleryWorker("worker", args, {**env, "BENCH_QUEUE": queue}, log)
 

@@ -103,6 +103,8 @@ class EventScheduler(Scheduler):  # type: ignore[misc]  # celery is untyped here
         return n  # wake at the tick itself: Celery's default wakes 10 ms early and then spins
 
     def setup_schedule(self) -> None:
+        if isinstance(self.store, RedisScheduleStore):
+            self.store.check_single_server()  # beat stops here, naming the reason, on a Redis Cluster
         super().setup_schedule()
         tz = self.app.timezone
         for periodic in self.emitter.config.periodic:

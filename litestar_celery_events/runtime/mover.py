@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from litestar_celery_events.stores.schedule import ScheduleStore
 
-__all__ = ("MOVE_BATCH", "DeclareDelayLevels", "Mover", "cancelled_before_run", "install_mover")
+__all__ = ("MOVE_BATCH", "CheckDelayedStore", "DeclareDelayLevels", "Mover", "cancelled_before_run", "install_mover")
 
 logger = logging.getLogger("litestar_celery_events.scheduler")
 
@@ -131,6 +131,15 @@ class DeclareDelayLevels(bootsteps.StartStopStep):  # type: ignore[misc]  # cele
         )
 
 
+class CheckDelayedStore(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped here
+    """Redis: refuse a Redis Cluster at start-up (the worker stops with the reason), before any event moves."""
+
+    def start(self, c: Consumer) -> None:
+        mover = getattr(c.app, "celery_events_mover", None)
+        if mover is not None:
+            mover.store.check_single_server()
+
+
 _stores: dict[int, ScheduleStore] = {}
 
 
@@ -174,6 +183,7 @@ def install_mover(celery_app: Celery, config: CeleryEventsConfig) -> Mover | Non
         return None
     mover = Mover(store, config.delayed_poll_interval_s)
     celery_app.celery_events_mover = mover
+    celery_app.steps["consumer"].add(CheckDelayedStore)  # beat checks in EventScheduler.setup_schedule
 
     def start(**_: object) -> None:
         mover.start()

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = (
     "CANCEL_MEMORY_S",
+    "RedisClusterUnsupportedError",
     "RedisScheduleStore",
     "ScheduleStore",
     "SqliteScheduleStore",
@@ -45,6 +46,10 @@ __all__ = (
 KEY_NAMESPACE = "celery-events"
 CANCEL_MEMORY_S = 7 * 24 * 3600
 """How long a cancel is remembered for an emission that a publisher has not written yet."""
+
+
+class RedisClusterUnsupportedError(RuntimeError):
+    """The broker's Redis is a Redis Cluster node: the store's scripts need one server (a start-up error)."""
 
 
 def eta_of(due_ts: float) -> str:
@@ -99,6 +104,16 @@ class RedisScheduleStore:
     @property
     def client(self) -> redis.Redis:
         return self._redis.client()
+
+    def check_single_server(self) -> None:
+        """Refuse Redis Cluster: the scripts touch the store's keys and the queues' lists in one call,
+        which a cluster spreads over slots (CROSSSLOT) - half-working at best, so not at all."""
+        if int(self.client.info("cluster").get("cluster_enabled", 0)):
+            raise RedisClusterUnsupportedError(
+                "the broker's Redis is a Redis Cluster node: delayed events and beat's ticks need one Redis server "
+                "(their Lua scripts touch several keys, and kombu's Redis transport has no cluster support either); "
+                "use a single Redis server, with Sentinel for failover"
+            )
 
     def cancel(self, emission_id: str, due_ts: float | None = None) -> bool:
         keys = [self.zset, self.messages, self._tombstones + emission_id]

@@ -90,7 +90,7 @@ class KombuTransport:
         )
 
     def _delayed_route(self, producer: Producer, eta: str, queue: Queue, headers: dict[str, Any]) -> tuple[str, str]:
-        """The top delay level for a message not yet due (its queue bound first), else the queue itself.
+        """The first delay level of a message not yet due (its queue bound first), else the queue itself.
 
         The worker gets an ordinary message (no ``eta``: nothing held in its memory); ``due_at``
         tells the event task to check the cancel tombstone.
@@ -108,7 +108,7 @@ class KombuTransport:
             queue.bind(channel).declare()  # the queue must exist before a due message reaches it
             self._delays.bind(channel, queue.name)
             self._delays_ready.add(queue.name)
-        return self._delays.top_exchange, delay_routing_key(delay_s, queue.name)
+        return self._delays.exchange_for(delay_s), delay_routing_key(delay_s, queue.name)
 
     def close(self) -> None:
         if self._connection is not None:

@@ -1,4 +1,5 @@
-"""RabbitMQ's delay levels without a broker: kombu's routing keys and declarations, rounding, limits, tombstones."""
+"""Delayed-event stores without a broker: RabbitMQ's delay levels (kombu's routing keys and declarations,
+rounding, limits), cancel tombstones, and the refusal of a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -23,8 +24,14 @@ from litestar_celery_events import (
     listener,
 )
 from litestar_celery_events.contract.message import DUE_AT_HEADER, Emission
-from litestar_celery_events.runtime.mover import DEAD_LETTER_HEADERS, forget_dead_letter_headers
-from litestar_celery_events.stores.schedule import CANCEL_MEMORY_S, SqliteScheduleStore, eta_of
+from litestar_celery_events.runtime.mover import DEAD_LETTER_HEADERS, CheckDelayedStore, forget_dead_letter_headers
+from litestar_celery_events.stores.schedule import (
+    CANCEL_MEMORY_S,
+    RedisClusterUnsupportedError,
+    RedisScheduleStore,
+    SqliteScheduleStore,
+    eta_of,
+)
 from litestar_celery_events.transports.amqp_delay import (
     MAX_DELAY_S,
     DelayLevels,
@@ -52,6 +59,13 @@ def remind(note: str) -> None: ...
 @pytest.mark.parametrize("delay_s", [1, 2, 3, 7200, 86_400 * 365, MAX_DELAY_S])
 def test_routing_keys_are_kombus(delay_s: int) -> None:
     assert delay_routing_key(delay_s, "events") == native.calculate_routing_key(delay_s, "events")
+
+
+@pytest.mark.parametrize(("delay_s", "level"), [(1, 0), (2, 1), (3, 1), (3600, 11), (7200, 12), (MAX_DELAY_S, 27)])
+def test_a_message_enters_the_levels_at_its_delays_highest_bit(delay_s: int, level: int) -> None:
+    assert DelayLevels("app").exchange_for(delay_s) == f"app_celery_delayed_{level}"
+    # From there the route is kombu's: every higher bit is 0, so entering at level 27 would pass through.
+    assert delay_routing_key(delay_s, "q").split(".")[: 27 - level] == ["0"] * (27 - level)
 
 
 @pytest.mark.parametrize("delay_s", [0, -1, MAX_DELAY_S + 1])
@@ -124,7 +138,7 @@ def test_delays_are_rounded_up_to_whole_seconds_and_never_early() -> None:
     assert seconds_until(eta_of(now - 5), now) == 0  # due (the publisher waited): sent at once
 
 
-def test_the_publisher_sends_a_delayed_emission_to_the_top_level_without_eta() -> None:
+def test_the_publisher_sends_a_delayed_emission_to_its_first_level_without_eta() -> None:
     celery_app = CeleryEventsConfig(broker_url=UNREACHABLE_AMQP, default_queue="mail")
     emitter_app = Litestar(listeners=[remind], plugins=[CeleryEventsPlugin(celery_app)])
     emitter = emitter_app.event_emitter
@@ -136,7 +150,8 @@ def test_the_publisher_sends_a_delayed_emission_to_the_top_level_without_eta() -
     transport._publish_one(producer, emission)
     transport._publish_one(producer, emission)
     first, second = producer.publish.call_args_list
-    assert first.kwargs["exchange"] == "celery_events_celery_delayed_27"
+    # Entering at the delay's highest bit (kombu enters at 27): 7200 s = 2**12 + ... waits in level 12 first.
+    assert first.kwargs["exchange"] == "celery_events_celery_delayed_12"
     assert first.kwargs["routing_key"] == ".".join(f"{7200:028b}") + ".mail"
     assert first.kwargs["headers"]["eta"] is None
     assert first.kwargs["headers"][DUE_AT_HEADER] == emission.eta
@@ -225,3 +240,21 @@ def test_rabbitmqs_dead_letter_headers_are_dropped_from_the_request() -> None:
     forget_dead_letter_headers(task)
     assert request.headers == {"event_id": "reminder"}
     assert not any(name in vars(request) for name in DEAD_LETTER_HEADERS)
+
+
+@pytest.mark.parametrize(("cluster_enabled", "refused"), [(1, True), (0, False)], ids=["cluster", "single-server"])
+def test_a_redis_cluster_is_refused_at_start_up_with_the_reason(cluster_enabled: int, refused: bool) -> None:
+    store = RedisScheduleStore("redis://127.0.0.1:1/0")
+    store._client = mock.Mock()
+    store._client.info.return_value = {"cluster_enabled": cluster_enabled}
+    consumer = mock.Mock()
+    consumer.app.celery_events_mover = mock.Mock(store=store)
+    step = CheckDelayedStore(consumer)
+    if refused:
+        with pytest.raises(
+            RedisClusterUnsupportedError, match=r"need one Redis server .* Lua scripts touch several keys"
+        ):
+            step.start(consumer)
+    else:
+        step.start(consumer)
+    store._client.info.assert_called_once_with("cluster")
