@@ -1,8 +1,9 @@
 """Delayed events on RabbitMQ: the delay levels side by side with Celery's ETA, in one run.
 
-``python -m bench.amqp_delayed [--backlog N] [--due-soon N] [--scheduled N] [--eta-wait S]`` prints
-JSON; the bench runner calls ``run(results)``. RabbitMQ on 127.0.0.1:5672; queues and delay levels
-are named uniquely per run and deleted at the end (other users of the broker are not disturbed).
+``python -m bench.amqp_delayed [--backlog N] [--due-soon N] [--scheduled N] [--eta-wait S]`` writes
+``bench/results/amqp_delayed.{json,md}`` and prints the table; the bench runner calls
+``run(results)``. RabbitMQ on 127.0.0.1:5672; queues and delay levels are named uniquely per run
+and deleted at the end (other users of the broker are not disturbed).
 A private redis-server only collects the listeners' start - due figures. Each side runs a real
 ``celery -A worker worker`` (prefork, 2 children) on this module's app:
 
@@ -34,7 +35,8 @@ from celery import Celery
 from kombu import Connection
 from litestar import Litestar
 
-from bench.common import CeleryWorker, RedisServer, machine, percentile, versions, wait_for
+from bench.common import ROOT, CeleryWorker, RedisServer, machine, percentile, versions, wait_for
+from bench.report import render
 from bench.scheduling import worker_rss_mib
 from litestar_celery_events import CeleryEventEmitter, CeleryEventsConfig, CeleryEventsPlugin, emit_later, listener
 from litestar_celery_events.transports.amqp_delay import DelayLevels
@@ -230,10 +232,22 @@ def main() -> int:
     parser.add_argument("--scheduled", type=int, default=100_000, help="events an hour ahead for the RSS figure")
     parser.add_argument("--eta-wait", type=float, default=45.0, help="seconds the ETA side gets after the due time")
     options = parser.parse_args()
-    results: dict[str, Any] = {"machine": machine(), "versions": versions()}
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "command": "python -m bench.amqp_delayed " + " ".join(sys.argv[1:]),
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": versions(),
+    }
     run(results, options.backlog, options.due_soon, options.scheduled, options.eta_wait)
-    json.dump(results, sys.stdout, indent=2)
-    print()
+    results["machine_end"] = machine()
+    results["elapsed_s"] = round(time.perf_counter() - started, 1)
+    folder = ROOT / "bench" / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "amqp_delayed.json").write_text(json.dumps(results, indent=1) + "\n")
+    table = render(results)
+    (folder / "amqp_delayed.md").write_text(table)
+    print(table)
     return 0
 
 

@@ -243,7 +243,9 @@ def _amqp_delayed_rows(a: dict[str, Any] | None, row: Any) -> None:
         f"{_num(late.get('p95_s'), 2)} s (min {_num(late.get('min_s'), 2)}, max {_num(late.get('max_s'), 2)}; "
         f"{late['started']}/{late['expected']} started, {late['early']} early)",
         "≤ 3 s, never early",
-        _met(late.get("p95_s"), 3.0, higher_is_better=False) if late["started"] == late["expected"] else "**no**",
+        _met(late.get("p95_s"), 3.0, higher_is_better=False)
+        if late["started"] == late["expected"] and not late["early"]
+        else "**no**",
     )
     if eta:
         waited = eta["waited_s"]
@@ -267,7 +269,8 @@ def _amqp_delayed_rows(a: dict[str, Any] | None, row: Any) -> None:
         row(
             f"… Celery's ETA worker after {_num(eta['waited_s'], 0)} s of the {_num(eta['backlog_an_hour_ahead'])} "
             "backlog (baseline)",
-            f"+{_num(eta['worker_rss_growth_mib'], 1)} MiB",
+            f"+{_num(eta['worker_rss_growth_mib'], 1)} MiB, holding {_num(eta.get('held_by_worker_after_wait'))} "
+            "ETA tasks (the rest still queued: it takes them one QoS bump at a time)",
             "",
             "",
         )
