@@ -1,8 +1,9 @@
 """Delayed events at scale: store memory per event, worker RSS idle vs 100,000 scheduled, due->start latency.
 
 ``python -m bench.scheduling [--events N] [--latency-events N] [--compare-eta N] [--broker redis]``
-prints JSON; the bench runner calls ``run(results)``. ``--broker amqp|embedded`` measures the ETA
-fallback instead (RabbitMQ on 127.0.0.1:5672; no Redis-store figures then). A private
+prints JSON; the bench runner calls ``run(results)``. ``--broker amqp|embedded`` measures those
+brokers instead (RabbitMQ on 127.0.0.1:5672: its delay levels, see also ``bench.amqp_delayed``;
+embedded: Celery's ETA; no Redis-store figures then). A private
 redis-server and a real ``celery -A worker worker`` (prefork, 2 children) on this module's app:
 
 1. worker RSS (main + children) idle;
@@ -64,6 +65,7 @@ def create_app() -> Litestar:
         default_queue=QUEUE,
         data_dir=os.environ.get("CELERY_EVENTS_DATA_DIR"),
         max_buffered_events=200_000,
+        celery_config={"celery_events_delay_prefix": os.environ.get("BENCH_DELAY_PREFIX", "celery_events")},
     )
     return Litestar(listeners=[on_due, on_later], plugins=[CeleryEventsPlugin(config)])
 
@@ -115,6 +117,7 @@ def run(
             "BENCH_REDIS_URL": server.url,
             "BENCH_BROKER_URL": broker_url,
             "BENCH_SCHED_QUEUE": QUEUE,
+            "BENCH_DELAY_PREFIX": f"bench-sched-{os.getpid()}",  # RabbitMQ: delay levels of this run only
             "CELERY_BROKER_URL": broker_url,
             "LITESTAR_APP": "bench.scheduling:create_app",
             "CELERY_EVENTS_DATA_DIR": tmp,
@@ -201,7 +204,7 @@ def _latency(app: Litestar, admin: redis.Redis, count: int) -> dict[str, Any]:
 
 
 def _settle_rss(worker: CeleryWorker, out: dict[str, Any]) -> None:
-    """ETA fallback: the worker prefetches every delayed event; wait until its RSS stops growing."""
+    """Not Redis: wait until the worker's RSS stops growing (with Celery's ETA it prefetches every delayed event)."""
     started = time.perf_counter()
     previous, rss = -1.0, worker_rss_mib(worker.proc.pid)
     while rss - previous > 1.0 and time.perf_counter() - started < 300:
@@ -214,10 +217,19 @@ def _settle_rss(worker: CeleryWorker, out: dict[str, Any]) -> None:
 
 
 def _delete_amqp_queue(name: str) -> None:
+    """The run's queue and its delay levels, with what still waits in them."""
     from kombu import Connection
 
+    from litestar_celery_events.transports.amqp_delay import DelayLevels
+
+    levels = DelayLevels(os.environ["BENCH_DELAY_PREFIX"])
     with Connection(AMQP_URL) as connection:
-        connection.default_channel.queue_delete(name)
+        channel = connection.default_channel
+        channel.queue_delete(name)
+        for level in levels.names():
+            if level != levels.delivery_exchange:
+                channel.queue_delete(level)
+            channel.exchange_delete(level)
 
 
 def _compare_eta(worker: CeleryWorker, count: int) -> dict[str, Any]:
