@@ -26,6 +26,7 @@ from litestar_celery_events.transports.amqp_delay import DelayLevels
 
 if TYPE_CHECKING:
     from celery import Celery, Task
+    from celery.worker import WorkController
     from celery.worker.consumer import Consumer
 
     from litestar_celery_events.stores.schedule import ScheduleStore
@@ -132,10 +133,11 @@ class DeclareDelayLevels(bootsteps.StartStopStep):  # type: ignore[misc]  # cele
 
 
 class CheckDelayedStore(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped here
-    """Redis: refuse a Redis Cluster at start-up (the worker stops with the reason), before any event moves."""
+    """Redis: refuse a Redis Cluster at start-up, naming the reason (a worker step: it runs before the
+    consumer, whose first queue declaration would otherwise fail with kombu's CROSSSLOT error)."""
 
-    def start(self, c: Consumer) -> None:
-        mover = getattr(c.app, "celery_events_mover", None)
+    def start(self, w: WorkController) -> None:
+        mover = getattr(w.app, "celery_events_mover", None)
         if mover is not None:
             mover.store.check_single_server()
 
@@ -183,7 +185,7 @@ def install_mover(celery_app: Celery, config: CeleryEventsConfig) -> Mover | Non
         return None
     mover = Mover(store, config.delayed_poll_interval_s)
     celery_app.celery_events_mover = mover
-    celery_app.steps["consumer"].add(CheckDelayedStore)  # beat checks in EventScheduler.setup_schedule
+    celery_app.steps["worker"].add(CheckDelayedStore)  # beat checks in EventScheduler.setup_schedule
 
     def start(**_: object) -> None:
         mover.start()

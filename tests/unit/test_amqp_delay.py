@@ -244,17 +244,19 @@ def test_rabbitmqs_dead_letter_headers_are_dropped_from_the_request() -> None:
 
 @pytest.mark.parametrize(("cluster_enabled", "refused"), [(1, True), (0, False)], ids=["cluster", "single-server"])
 def test_a_redis_cluster_is_refused_at_start_up_with_the_reason(cluster_enabled: int, refused: bool) -> None:
-    store = RedisScheduleStore("redis://127.0.0.1:1/0")
-    store._client = mock.Mock()
-    store._client.info.return_value = {"cluster_enabled": cluster_enabled}
-    consumer = mock.Mock()
-    consumer.app.celery_events_mover = mock.Mock(store=store)
-    step = CheckDelayedStore(consumer)
+    broker_redis = mock.Mock()  # the client factory's handle
+    broker_redis.settings.global_keyprefix = ""
+    client = broker_redis.client.return_value
+    client.info.return_value = {"cluster_enabled": cluster_enabled}
+    store = RedisScheduleStore(broker_redis)
+    worker = mock.Mock()
+    worker.app.celery_events_mover = mock.Mock(store=store)
+    step = CheckDelayedStore(worker)
     if refused:
         with pytest.raises(
             RedisClusterUnsupportedError, match=r"need one Redis server .* Lua scripts touch several keys"
         ):
-            step.start(consumer)
+            step.start(worker)
     else:
-        step.start(consumer)
-    store._client.info.assert_called_once_with("cluster")
+        step.start(worker)
+    client.info.assert_called_once_with("cluster")
