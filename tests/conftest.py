@@ -60,7 +60,7 @@ def amqp_url() -> Iterator[str]:
     levels = DelayLevels()  # every worker on RabbitMQ declares the default delay levels
     existed = amqp_queue_exists(url, levels.top_exchange)
     yield url
-    if not existed:  # this session made them: delete them once empty (another session may use them now)
+    if not existed and amqp_queue_exists(url, levels.top_exchange):  # made by this session: delete them once empty
         delete_delay_levels(url, levels, if_empty=True)
 
 
