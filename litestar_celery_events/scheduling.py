@@ -150,6 +150,9 @@ def scheduling_status(emitter: CeleryEventEmitter, timeout_s: float) -> dict[str
             status["delayed_events_waiting"] = store.waiting()
             next_due = store.next_due()
             status["next_due"] = None if next_due is None else eta_of(next_due)
+        elif is_amqp_url(emitter.celery_app.conf.broker_url):
+            # Every app's with the same prefix: the levels are shared, and hold no per-app count.
+            status["delayed_events_waiting"] = _waiting_in_delay_levels(emitter, timeout_s)
         for entry in status["periodic"]:
             last = store.last_tick(entry["name"])
             entry["last_tick"] = None if last is None else eta_of(last)
@@ -158,6 +161,13 @@ def scheduling_status(emitter: CeleryEventEmitter, timeout_s: float) -> dict[str
     finally:
         store.close()
     return status
+
+
+def _waiting_in_delay_levels(emitter: CeleryEventEmitter, timeout_s: float) -> int:
+    celery_app = emitter.celery_app
+    with celery_app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=timeout_s)
+        return DelayLevels.of(celery_app).waiting(connection.default_channel)
 
 
 def _where_delayed_events_wait(emitter: CeleryEventEmitter, store: ScheduleStore) -> str:

@@ -18,7 +18,8 @@ from celery import Celery
 from kombu import Connection
 from litestar.testing import TestClient
 
-from litestar_celery_events import cancel_scheduled, emit_later
+from litestar_celery_events import CeleryEventEmitter, cancel_scheduled, emit_later
+from litestar_celery_events.scheduling import scheduling_status
 from litestar_celery_events.transports.amqp_delay import DelayLevels, level_name
 from tests.apps.delayed import create_app
 from tests.conftest import SESSION_TAG
@@ -189,6 +190,9 @@ def test_a_two_hour_delay_waits_in_the_delay_levels_not_in_the_worker(
         ]
         reserved = [r["id"] for per_worker in (inspect.reserved() or {}).values() for r in per_worker]
         depths = _level_depths(amqp_url, prefix)
+        emitter = app.event_emitter
+        assert isinstance(emitter, CeleryEventEmitter)
+        status = scheduling_status(emitter, timeout_s=5)
         with Connection(amqp_url) as connection:
             waiting_in_queue = connection.channel().queue_declare(queue=queue, passive=True).message_count
         assert cancel_scheduled(app, long_wait) is True
@@ -197,6 +201,8 @@ def test_a_two_hour_delay_waits_in_the_delay_levels_not_in_the_worker(
 
     assert depths.get(12, 0) - before.get(12, 0) == 1, depths  # 7200 s = 2**12 + 2**11 + 2**10 + 2**5
     assert waiting_in_queue == 0
+    assert status["delayed_events_waiting"] == sum(depths.values())  # what `events status` prints
+    assert status["delayed_events_wait_in"] == f"rabbitmq delay queues ({prefix}_celery_delayed_0..27)"
     assert long_wait not in held + reserved  # no worker holds it: nothing for consumer_timeout to count
     assert eta_task.id in held, f"the ETA baseline should be held by the worker: {held}"
     assert [r["kwargs"]["note"] for r in runs_of(records, "reminder_listener")] == ["short"]
