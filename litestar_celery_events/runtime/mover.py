@@ -15,6 +15,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+import redis
 from celery import bootsteps, signals
 from kombu.common import Broadcast
 
@@ -138,8 +139,12 @@ class CheckDelayedStore(bootsteps.StartStopStep):  # type: ignore[misc]  # celer
 
     def start(self, w: WorkController) -> None:
         mover = getattr(w.app, "celery_events_mover", None)
-        if mover is not None:
+        if mover is None:
+            return
+        try:
             mover.store.check_single_server()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # the broker is not up yet: Celery waits for it
+            logger.warning("cannot check that the broker's Redis is not a cluster now (%s)", redact_url(str(exc)))
 
 
 _stores: dict[int, ScheduleStore] = {}

@@ -108,7 +108,11 @@ class RedisScheduleStore:
     def check_single_server(self) -> None:
         """Refuse Redis Cluster: the scripts touch the store's keys and the queues' lists in one call,
         which a cluster spreads over slots (CROSSSLOT) - half-working at best, so not at all."""
-        if int(self.client.info("cluster").get("cluster_enabled", 0)):
+        try:
+            cluster = self.client.info("cluster")
+        except redis.ResponseError:  # INFO renamed or refused (some managed Redis): cannot tell
+            return
+        if int(cluster.get("cluster_enabled", 0)):
             raise RedisClusterUnsupportedError(
                 "the broker's Redis is a Redis Cluster node: delayed events and beat's ticks need one Redis server "
                 "(their Lua scripts touch several keys, and kombu's Redis transport has no cluster support either); "

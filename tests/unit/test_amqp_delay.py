@@ -12,6 +12,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
+import redis
 from kombu import Exchange, Queue
 from litestar import Litestar
 
@@ -260,3 +261,13 @@ def test_a_redis_cluster_is_refused_at_start_up_with_the_reason(cluster_enabled:
     else:
         step.start(worker)
     client.info.assert_called_once_with("cluster")
+
+
+def test_a_redis_down_at_start_up_or_without_info_does_not_stop_the_worker() -> None:
+    for error in (redis.ConnectionError("refused"), redis.ResponseError("unknown command 'INFO'")):
+        broker_redis = mock.Mock()
+        broker_redis.settings.global_keyprefix = ""
+        broker_redis.client.return_value.info.side_effect = error
+        worker = mock.Mock()
+        worker.app.celery_events_mover = mock.Mock(store=RedisScheduleStore(broker_redis))
+        CheckDelayedStore(worker).start(worker)  # Celery waits for the broker; a cluster fails in kombu anyway
