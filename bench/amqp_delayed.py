@@ -238,6 +238,7 @@ def main() -> int:
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "versions": versions(),
+        "reps": 1,
     }
     run(results, options.backlog, options.due_soon, options.scheduled, options.eta_wait)
     results["machine_end"] = machine()
