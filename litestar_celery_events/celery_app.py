@@ -14,6 +14,9 @@ if TYPE_CHECKING:
 __all__ = ("build_celery_app", "secure_defaults")
 
 
+DEFAULT_CELERY_QUEUE = "celery"
+"""Celery's own ``task_default_queue``."""
+
 REDIS_TRANSPORT_DEFAULTS: dict[str, Any] = {"unacked_restore_throttle": 1}
 """Messages a dead worker left unacknowledged (kill -9, OOM) go back to their queue once their
 ``visibility_timeout`` has passed: kombu looks for them on every sweep (every 10 s) instead of
@@ -57,6 +60,12 @@ def build_celery_app(config: CeleryEventsConfig, main: str = "litestar_celery_ev
         # The filesystem transport has no fanout exchange: no remote control, no broadcast.
         settings["worker_enable_remote_control"] = False
     if config.default_queue:
+        brought = app.conf.task_default_queue if config.celery_app is not None else None
+        if brought not in (None, DEFAULT_CELERY_QUEUE, config.default_queue):
+            raise ValueError(
+                f"default_queue={config.default_queue!r} and the Celery app's task_default_queue={brought!r} "
+                "disagree; set only one of them (default_queue is a shorthand for task_default_queue)"
+            )
         settings["task_default_queue"] = config.default_queue
     embedded_options = settings.get("broker_transport_options", {})
     settings.update(config.celery_config)

@@ -37,6 +37,7 @@ DEFAULT_FLUSH_TIMEOUT_S = 5.0
 DEFAULT_MAX_BUFFERED_EVENTS = 100_000
 DEFAULT_MAX_PAYLOAD_BYTES = 1_000_000
 DEFAULT_MAX_SPOOLED_EVENTS = 1_000_000
+DEFAULT_PUBLISH_BATCH_BYTES = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ class CeleryEventsConfig:
     default_retry: RetryPolicy = field(default_factory=RetryPolicy)
     """Retry policy of listeners that set no Celery retry options (plain Litestar listeners)."""
     default_queue: str | None = None
-    """Queue of event tasks; ``None`` keeps Celery's ``task_default_queue``."""
+    """Shorthand for Celery's ``task_default_queue`` (so ``task_routes`` still apply); ``None`` keeps
+    Celery's. Setting both to different queues is an error."""
     data_dir: str | None = None
     """Folder for the embedded broker and local state; env ``CELERY_EVENTS_DATA_DIR``, else
     ``./.celery-events``."""
@@ -101,6 +103,9 @@ class CeleryEventsConfig:
     """On shutdown, how long to keep publishing what is buffered before giving up (and logging)."""
     publish_batch_size: int = 500
     """Most messages the publisher sends in one round trip."""
+    publish_batch_bytes: int = DEFAULT_PUBLISH_BATCH_BYTES
+    """Most bytes of encoded arguments the publisher sends in one round trip (a batch holds at
+    least one event): big events go out in small batches, each written well within its timeout."""
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     """Encoded arguments above this size raise ``PayloadTooLargeError`` at ``emit``."""
     check_signatures: bool = True
@@ -141,6 +146,14 @@ class CeleryEventsConfig:
             raise ValueError("flush_timeout_s must not be negative")
         if self.publish_batch_size < 1:
             raise ValueError("publish_batch_size must be at least 1")
+        if self.publish_batch_bytes < 1:
+            raise ValueError("publish_batch_bytes must be at least 1")
+        configured = self.celery_config.get("task_default_queue")
+        if self.default_queue and configured and configured != self.default_queue:
+            raise ValueError(
+                f"default_queue={self.default_queue!r} and celery_config={{'task_default_queue': {configured!r}}} "
+                "disagree; set only one of them (default_queue is a shorthand for task_default_queue)"
+            )
         if self.buffer_full_policy not in ("raise", "drop_oldest"):
             raise ValueError("buffer_full_policy must be 'raise' or 'drop_oldest'")
         if not self.delayed_poll_interval_s > 0:

@@ -7,6 +7,7 @@ thread, so the event loop never waits for the broker.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -47,7 +48,10 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
         super().__init__(listeners=listeners)
         self.registry = ListenerRegistry.build(listeners, self.config)
         self.celery_app: Celery = build_celery_app(self.config)
-        self.publisher = Publisher(self.celery_app, self.config)
+        self.publisher = Publisher(
+            self.celery_app, self.config, task_options=self.task_options(), on_refused=self.record_refused
+        )
+        self._check_route = self.publisher.route.check
         self._running = False
         self._trace: Callable[[Emission], None] | None = emission_tracer()  # None without opentelemetry
 
@@ -108,11 +112,59 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
             args,
             kwargs,
             max_payload_bytes=self.config.max_payload_bytes,
-            queue=self.config.default_queue,
         )
+        self._check_route(emission)  # a route Celery cannot resolve raises here, not in the publisher
         if self._trace is not None:
             self._trace(emission)  # adds traceparent when a span is current
         return emission
+
+    def task_options(self) -> dict[str, dict[str, Any]]:
+        """The routing options of the tasks the worker registers (a listener's ``queue``, ``priority``)."""
+        options: dict[str, dict[str, Any]] = {}
+        for event_id, specs in self.registry.by_event.items():
+            for spec in specs:
+                own = {k: spec.task_options[k] for k in ("queue", "priority") if k in spec.task_options}
+                if own:
+                    options[self.config.listener_task_name(event_id, spec.name)] = own
+        return options
+
+    def record_refused(self, emission: Emission, reason: str) -> None:
+        """An emission the broker never takes (too big): one failed-events record per listener it was for."""
+        from litestar_celery_events.contract.failures import ListenerFailure
+        from litestar_celery_events.stores.failed import failed_store_for
+
+        listeners = emission.listeners
+        if listeners is None and emission.task_name != self.config.event_task_name(emission.event_id):
+            listeners = (emission.task_name.rpartition("[")[2].removesuffix("]"),)  # a listener's own task
+        if listeners is None:
+            listeners = tuple(spec.name for spec in self.registry.by_event.get(emission.event_id, ()))
+        headers = emission.extra_headers or {}
+        failure = ListenerFailure(
+            event_id=emission.event_id,
+            emission_id=str(headers.get("root_id") or emission.emission_id),
+            listener="",
+            args=list(emission.args),
+            kwargs=dict(emission.kwargs),
+            exc_type="litestar_celery_events.transports.base.MessageRefused",
+            message=reason,
+            traceback="",
+            attempts=0,
+            permanent=True,
+            emitted_at=emission.emitted_at,
+        )
+        store = failed_store_for(self.config, str(self.celery_app.conf.broker_url))
+        try:
+            for name in listeners:
+                failure.listener = name
+                try:
+                    store.add(failure)
+                except Exception:  # noqa: BLE001 - the arguments may be too big for the store too: keep the rest
+                    store.close()
+                    without = dataclasses.replace(failure, args=[], kwargs={})
+                    without.message = f"{reason} (arguments not kept: {len(emission.body)} bytes encoded)"
+                    store.add(without)
+        finally:
+            store.close()
 
     def submit(self, emission: Emission) -> str:
         self.publisher.submit(emission)

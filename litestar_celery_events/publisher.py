@@ -13,18 +13,22 @@ import os
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from litestar_celery_events.brokers import redact_url, retry_delay_s, worth_logging
 from litestar_celery_events.errors import EventBufferFullError
-from litestar_celery_events.transports import Transport, transport_for
+from litestar_celery_events.transports import MessageRefused, Transport, transport_for
+from litestar_celery_events.transports.routing import EventRouter
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
     from celery import Celery
 
     from litestar_celery_events.config import CeleryEventsConfig
     from litestar_celery_events.contract.message import Emission
     from litestar_celery_events.stores.spool import Spool
+    from litestar_celery_events.transports.routing import Route
 
 __all__ = ("Publisher",)
 
@@ -38,16 +42,34 @@ MIN_PUBLISH_INTERVAL_S = 0.002
 MAX_PUBLISH_INTERVAL_S = 0.02
 """Under a steady stream of events, round trips are 2 ms (one event per batch) to 20 ms apart, so
 each carries a batch: a round trip costs ~100x the CPU of adding one message to it."""
+REFUSED_AFTER_ATTEMPTS = 3
+"""A message that failed this many times in a row, sent alone, while the broker still answers, is
+one the broker will never take: it goes to the failed-events store instead of blocking the rest."""
 
 
 class Publisher:
     """A bounded buffer of emissions and the thread that drains it to the broker."""
 
-    def __init__(self, celery_app: Celery, config: CeleryEventsConfig, transport: Transport | None = None) -> None:
+    def __init__(
+        self,
+        celery_app: Celery,
+        config: CeleryEventsConfig,
+        transport: Transport | None = None,
+        *,
+        task_options: Mapping[str, Mapping[str, Any]] | None = None,
+        on_refused: Callable[[Emission, str], None] | None = None,
+    ) -> None:
         self._config = config
         self._celery_app = celery_app
         self._owns_transport = transport is None
-        self._transport = transport or transport_for(celery_app)
+        self._task_options = task_options
+        self._transport = transport or transport_for(celery_app, task_options)
+        self._on_refused = on_refused
+        self._fallback_route: Route | None = None
+        self._batch_cap = config.publish_batch_size
+        """Shrinks (halves) after each failed publish and grows back after each success: a batch
+        too big to write in time is retried in smaller parts."""
+        self._alone_failures = 0
         self._pid = os.getpid()
         self._broker = redact_url(config.resolved_broker_url)
         self._buffer: deque[Emission] = deque()
@@ -59,6 +81,8 @@ class Publisher:
         self._flush_deadline_passed = False
         self.published = 0
         self.dropped = 0
+        self.refused = 0
+        """Events the broker would never take (too big): recorded in the failed-events store."""
         self.spool: Spool | None = None
         if config.spool:
             from litestar_celery_events.stores.spool import Spool
@@ -68,6 +92,16 @@ class Publisher:
         self._watched: list[Emission] | None = None
         self._watched_since = 0.0
         self._spooled_in_flight: set[str] = set()
+
+    @property
+    def route(self) -> Route:
+        """Where each emission goes (the Celery app's router and settings; see ``transports.routing``)."""
+        route: Route | None = getattr(self._transport, "route", None)  # a transport of the caller's may have none
+        if route is None:
+            if self._fallback_route is None:
+                self._fallback_route = EventRouter(self._celery_app, self._task_options)
+            route = self._fallback_route
+        return route
 
     @property
     def pending(self) -> int:
@@ -89,7 +123,8 @@ class Publisher:
             # A forked child (a Celery pool process): the parent publishes what it buffered, and the
             # parent's broker connection is left alone (closing it here could close it for both).
             self._buffer.clear()
-            self._transport = transport_for(self._celery_app) if self._owns_transport else self._transport
+            if self._owns_transport:
+                self._transport = transport_for(self._celery_app, self._task_options)
             self._pid = os.getpid()
         if self.spool is not None:
             self.spool.adopt_orphans()  # what a dead process left on disk goes out first
@@ -177,9 +212,57 @@ class Publisher:
         return left
 
     def _next_batch(self) -> list[Emission]:
+        """The oldest events, at most ``_batch_cap`` of them and ``publish_batch_bytes`` of arguments (at least one)."""
         buffer = self._buffer
-        size = min(len(buffer), self._config.publish_batch_size)
-        return [buffer.popleft() for _ in range(size)]
+        size = min(len(buffer), self._batch_cap)
+        budget = self._config.publish_batch_bytes
+        batch: list[Emission] = []
+        for _ in range(size):
+            budget -= len(buffer[0].body)
+            if budget < 0 and batch:
+                break
+            batch.append(buffer.popleft())
+        return batch
+
+    def _after_failure(self, batch: list[Emission], done: int, exc: Exception) -> list[Emission]:
+        """Shrink the next batches; return the message the broker will never take, if ``batch`` was it alone."""
+        self._batch_cap = max(1, min(self._batch_cap, len(batch) - done) // 2)
+        if isinstance(exc, MessageRefused):
+            self._alone_failures = 0
+            return batch[done : done + 1]
+        if len(batch) - done != 1:
+            self._alone_failures = 0
+            return []
+        self._alone_failures += 1
+        if self._alone_failures < REFUSED_AFTER_ATTEMPTS:
+            return []
+        reachable = getattr(self._transport, "reachable", None)
+        if reachable is None or not reachable():  # an outage: the message is not the cause, keep it
+            return []
+        self._alone_failures = 0
+        return batch[done : done + 1]
+
+    def _after_success(self) -> None:
+        self._alone_failures = 0
+        if self._batch_cap < self._config.publish_batch_size:
+            self._batch_cap = min(self._config.publish_batch_size, self._batch_cap * 2)
+
+    def _refuse(self, emission: Emission, exc: Exception) -> None:
+        """Hand a message the broker never takes to the failed-events store (``on_refused``); never silent."""
+        reason = f"the broker {self._broker} does not take this message: {type(exc).__name__}: {redact_url(str(exc))}"
+        self.refused += 1
+        logger.error(
+            "event %r (emission %s) cannot be published: %s%s",
+            emission.event_id,
+            emission.emission_id,
+            reason,
+            "; it goes to the failed-events store" if self._on_refused is not None else "; it is dropped",
+        )
+        if self._on_refused is not None:
+            try:
+                self._on_refused(emission, reason)
+            except Exception:
+                logger.exception("could not record unpublishable emission %s", emission.emission_id)
 
     def _run(self) -> None:
         failures = 0
@@ -208,19 +291,24 @@ class Publisher:
             try:
                 self._transport.publish(batch, done)
             except Exception as exc:  # noqa: BLE001 - any broker error: keep the events, retry later
-                self._buffer.extendleft(reversed(batch[done[0] :]))
+                refused = self._after_failure(batch, done[0], exc)
+                self._buffer.extendleft(reversed(batch[done[0] + len(refused) :]))
                 self.published += done[0]
                 self._in_flight = []
+                if refused:
+                    self._refuse(refused[0], exc)
+                    continue
                 failures += 1
                 self._back_off(exc, failures, f"{len(self._buffer)} event(s) waiting")
                 continue
+            self._after_success()
             if failures:
                 logger.warning("publishing to %s again after %d failed attempt(s)", self._broker, failures)
                 failures = 0
             self.published += len(batch)
             self._in_flight = []
             self._drop_spooled_copies(spool)
-            if len(self._buffer) < self._config.publish_batch_size and not self._stopping:
+            if len(self._buffer) < self._batch_cap and not self._stopping:
                 # A steady stream goes out in batches: the busier the stream (the bigger this batch),
                 # the longer until the next round trip, within MIN/MAX_PUBLISH_INTERVAL_S. After a
                 # quiet spell the thread is idle and the next event goes out at once.
@@ -269,20 +357,33 @@ class Publisher:
         # Memory holds newer events than the spool, or a failed batch already spooled when it stalled.
         spool.spill(self._buffer, skip=self._spooled_in_flight)
         self._spooled_in_flight = set()
-        source, rows = spool.oldest(self._config.publish_batch_size)
+        source, rows = spool.oldest(self._batch_cap)
         if source is None:
             return failures
+        budget = self._config.publish_batch_bytes
+        for size, (_, emission) in enumerate(rows):
+            budget -= len(emission.body)
+            if budget < 0 and size:
+                rows = rows[:size]
+                break
         batch = [emission for _, emission in rows]
         done = [0]
         try:
             self._transport.publish(batch, done)
         except Exception as exc:  # noqa: BLE001 - any broker error: the events stay on disk
-            if done[0]:
-                spool.published(source, rows[done[0] - 1][0])
+            refused = self._after_failure(batch, done[0], exc)
+            if refused:
+                self._refuse(refused[0], exc)
+            gone = done[0] + len(refused)
+            if gone:
+                spool.published(source, rows[gone - 1][0])
                 self.published += done[0]
+            if refused:
+                return failures
             failures += 1
             self._back_off(exc, failures, f"{spool.depth} event(s) in the spool")
             return failures
+        self._after_success()
         spool.published(source, rows[-1][0])
         self.published += len(batch)
         if failures:

@@ -39,7 +39,7 @@ def replay_emission(record: dict[str, Any], registry: ListenerRegistry, config: 
         tuple(record.get("args") or ()),
         dict(record.get("kwargs") or {}),
         max_payload_bytes=config.max_payload_bytes,
-        queue=spec.task_options.get("queue") or config.default_queue,
+        queue=spec.task_options.get("queue"),  # else the Celery app's routes decide, as for the worker's retries
     )
     original = str(record["emission_id"])
     emission.emission_id = f"{original}:{spec.name}:replay-{new_emission_id()[-8:]}"

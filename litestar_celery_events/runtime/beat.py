@@ -21,7 +21,7 @@ from litestar_celery_events.contract.message import encode_body
 from litestar_celery_events.contract.periodic import PeriodicEvent
 from litestar_celery_events.runtime.mover import install_mover
 from litestar_celery_events.stores.schedule import RedisScheduleStore, schedule_store_for
-from litestar_celery_events.transports import KombuTransport, RedisTransport
+from litestar_celery_events.transports import KombuTransport
 from litestar_celery_events.transports.base import origin_nodename
 from litestar_celery_events.transports.redis import redis_envelope
 
@@ -92,7 +92,6 @@ class EventScheduler(Scheduler):  # type: ignore[misc]  # celery is untyped here
         self.periodic: dict[str, PeriodicEvent] = {}
         self.store: ScheduleStore = schedule_store_for(self.emitter.celery_app, self.emitter.config.resolved_data_dir)
         self.fired = 0
-        self._transport: RedisTransport | None = None
         super().__init__(*args, **kwargs)
 
     @classmethod
@@ -167,26 +166,21 @@ class EventScheduler(Scheduler):  # type: ignore[misc]  # celery is untyped here
 
     def _fire(self, periodic: PeriodicEvent, slot: float, emission: Emission) -> bool:
         store = self.store
-        if isinstance(store, RedisScheduleStore):
-            queue = emission.queue or self.app.conf.task_default_queue
-            transport = self._redis_transport()
-            envelope = redis_envelope(emission, queue, origin_nodename(), f"{emission.emission_id}.1")
-            return store.fire_tick(periodic.key, slot, transport.key_of(queue), envelope)
+        route = self.emitter.publisher.route
+        destination = route(emission)  # where send_task would put it: task_routes, priority, queues
+        if isinstance(store, RedisScheduleStore) and destination.redis_key is not None:
+            tag = f"{emission.emission_id}.1"
+            envelope = redis_envelope(emission, destination.routing_key, origin_nodename(), tag, destination.priority)
+            return store.fire_tick(periodic.key, slot, destination.redis_key, envelope)
         # No atomic claim-and-publish here: a beat dying between the two loses that one tick.
         if not store.claim_tick(periodic.key, slot):
             return False
-        transport_ = KombuTransport(self.app)
+        transport_ = KombuTransport(self.app, route=route)
         try:
             transport_.publish([emission], [0])
         finally:
             transport_.close()
         return True
-
-    def _redis_transport(self) -> RedisTransport:
-        """One per scheduler (not per tick): it only names the queue's key and the origin."""
-        if self._transport is None:
-            self._transport = RedisTransport(self.app)
-        return self._transport
 
 
 def _crontab_fields(sched: crontab) -> dict[str, Any]:

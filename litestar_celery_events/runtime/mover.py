@@ -172,7 +172,12 @@ def cancelled_before_run(task: Task) -> bool:
     if store is None:
         data_dir = getattr(task.app, "celery_events_data_dir", None)
         store = _stores[id(task.app)] = schedule_store_for(task.app, data_dir or DEFAULT_DATA_DIR)
-    if not isinstance(store, SqliteScheduleStore) or store.may_run(str(request.id)):
+    if isinstance(store, RedisScheduleStore):
+        # Redis brokers: only a delayed event whose route only kombu can deliver (an exchange that
+        # fans out) carries Celery's eta; cancel_scheduled left its tombstone in the store.
+        if not store.was_cancelled(str(request.id)):
+            return False
+    elif not isinstance(store, SqliteScheduleStore) or store.may_run(str(request.id)):
         return False
     logger.info("event %r emission %s was cancelled before it was due: not run", task.name, request.id)
     return True

@@ -125,6 +125,10 @@ class RedisScheduleStore:
             lua_script(self.client, "cancel")(keys=keys, args=[emission_id, CANCEL_MEMORY_S], client=self.client)
         )
 
+    def was_cancelled(self, emission_id: str) -> bool:
+        """True if ``cancel`` was called for ``emission_id`` (its tombstone lasts ``CANCEL_MEMORY_S``)."""
+        return bool(self.client.exists(self._tombstones + emission_id))
+
     def move_due(self, now: float, limit: int = 1000) -> tuple[int, float | None]:
         """Enqueue up to ``limit`` events due by ``now``; return (how many, next due time or None)."""
         reply = lua_script(self.client, "move_due")(

@@ -9,15 +9,24 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from litestar_celery_events.contract.message import Emission
 
-__all__ = ("Transport", "origin_nodename")
+__all__ = ("MessageRefused", "Transport", "origin_nodename")
 
 
 class Transport(Protocol):
     def publish(self, batch: list[Emission], done: list[int]) -> None:
-        """Publish ``batch`` in order; keep ``done[0]`` equal to the number sent, even if this raises."""
+        """Publish ``batch`` in order; keep ``done[0]`` equal to the number sent, even if this raises.
+
+        Raises ``MessageRefused`` when ``batch[done[0]]`` can never be written to this broker. A
+        transport may also offer ``reachable() -> bool`` (does the broker answer now?): with it, a
+        message that keeps failing on its own while the broker answers is taken as refused too.
+        """
 
     def close(self) -> None:
         """Drop the connection; the next ``publish`` reconnects."""
+
+
+class MessageRefused(Exception):
+    """The message at ``done[0]`` of a batch can never be written to this broker (e.g. over its size limit)."""
 
 
 def origin_nodename() -> str:

@@ -11,11 +11,11 @@ import binascii
 import inspect
 import json
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 
-from litestar_celery_events.brokers import redis_settings
+from litestar_celery_events.brokers import SOCKET_TIMEOUT_S, redis_settings
 from litestar_celery_events.contract.message import (
     CONTENT_ENCODING,
     CONTENT_TYPE,
@@ -26,12 +26,23 @@ from litestar_celery_events.contract.message import (
     task_headers,
 )
 from litestar_celery_events.stores.schedule import due_timestamp, stage_delayed
-from litestar_celery_events.transports.base import origin_nodename
+from litestar_celery_events.transports.base import MessageRefused, origin_nodename
+from litestar_celery_events.transports.routing import EventRouter, route_all
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from celery import Celery
 
+    from litestar_celery_events.transports.kombu import KombuTransport
+    from litestar_celery_events.transports.routing import Destination, Route
+
 __all__ = ("RedisTransport", "lpush_commands", "redis_envelope")
+
+MIN_LINK_BYTES_PER_S = 1_000_000
+"""A write gets ``SOCKET_TIMEOUT_S`` plus the time its payload takes at this rate (a slow link)."""
+DEFAULT_MAX_BULK_BYTES = 512 * 1024 * 1024
+"""Redis's default ``proto-max-bulk-len``: the largest single message it accepts."""
 
 
 _quote = json.encoder.encode_basestring_ascii
@@ -44,14 +55,23 @@ _TEMPLATE = (
     '"kwargsrepr":%s,"origin":%s,"ignore_result":true,"stamped_headers":null,"stamps":{},'
     '"' + EVENT_HEADER + '":%s,"' + EMITTED_AT_HEADER + '":%r},'
     '"properties":{"correlation_id":%s,"reply_to":"","delivery_mode":2,'
-    '"delivery_info":{"exchange":"","routing_key":%s},"priority":0,"body_encoding":"base64","delivery_tag":%s}}'
+    '"delivery_info":{"exchange":"","routing_key":%s},"priority":%s,"body_encoding":"base64","delivery_tag":%s}}'
 )
 
 
-def redis_envelope(emission: Emission, queue: str, origin: str, delivery_tag: str) -> str:
-    """The JSON kombu's Redis transport stores for one Celery task message."""
-    if emission.listeners is not None or emission.extra_headers or type(emission.emitted_at) is not float:
-        return _generic_envelope(emission, queue, origin, delivery_tag)
+def redis_envelope(emission: Emission, queue: str, origin: str, delivery_tag: str, priority: object = None) -> str:
+    """The JSON kombu's Redis transport stores for one Celery task message sent to ``queue``.
+
+    ``priority``: the message's priority property as kombu writes it (``None`` becomes 0).
+    """
+    priority = priority or 0
+    if (
+        emission.listeners is not None
+        or emission.extra_headers
+        or type(emission.emitted_at) is not float
+        or type(priority) is not int
+    ):
+        return _generic_envelope(emission, queue, origin, delivery_tag, priority)
     quoted_id = _quote(emission.emission_id)
     return _TEMPLATE % (
         binascii.b2a_base64(emission.body, newline=False).decode(),
@@ -67,11 +87,12 @@ def redis_envelope(emission: Emission, queue: str, origin: str, delivery_tag: st
         emission.emitted_at,
         quoted_id,
         _quote(queue),
+        priority,
         _quote(delivery_tag),
     )
 
 
-def _generic_envelope(emission: Emission, queue: str, origin: str, delivery_tag: str) -> str:
+def _generic_envelope(emission: Emission, queue: str, origin: str, delivery_tag: str, priority: object = 0) -> str:
     return json.dumps(
         {
             "body": binascii.b2a_base64(emission.body, newline=False).decode(),
@@ -83,7 +104,7 @@ def _generic_envelope(emission: Emission, queue: str, origin: str, delivery_tag:
                 "reply_to": "",
                 "delivery_mode": 2,
                 "delivery_info": {"exchange": "", "routing_key": queue},
-                "priority": 0,
+                "priority": priority,
                 "body_encoding": "base64",
                 "delivery_tag": delivery_tag,
             },
@@ -113,83 +134,167 @@ _POOL_WANTS_COMMAND_NAME = _command_name is not None and _command_name.default i
 
 
 class RedisTransport:
-    """Pipelined ``LPUSH`` of kombu-format messages (priority 0, kombu's default)."""
+    """Pipelined ``LPUSH`` of kombu-format messages onto the lists kombu's Redis transport would use.
 
-    def __init__(self, celery_app: Celery) -> None:
+    Destinations come from the Celery app's router (``transports.routing``); a message only kombu
+    can deliver (an exchange that fans out) goes through ``KombuTransport`` instead, in order.
+    """
+
+    def __init__(self, celery_app: Celery, task_options: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         settings = redis_settings(celery_app)  # TLS, Sentinel, failover, timeouts: as kombu connects
-        self._redis = settings.open()
+        self._app = celery_app
+        self._redis_handle = settings.open()
         self._key_prefix: str = settings.global_keyprefix
-        self._default_queue: str = celery_app.conf.task_default_queue
+        self.route: Route = EventRouter(celery_app, task_options, redis=True)
         self._origin = origin_nodename()
+        self._kombu: KombuTransport | None = None
+        self._sized_client: redis.Redis | None = None
+        self._max_message_bytes = DEFAULT_MAX_BULK_BYTES
         self._sent = 0
 
-    def key_of(self, queue: str | None) -> str:
-        """The Redis list a queue lives in (kombu: the queue name, after any global key prefix)."""
-        return f"{self._key_prefix}{queue or self._default_queue}"
+    def _redis(self) -> redis.Redis:
+        """The factory's client (a new one after a fork or a failover), with that server's size limit known."""
+        client = self._redis_handle.client()
+        if client is not self._sized_client:
+            self._max_message_bytes = _max_message_bytes(client)
+            self._sized_client = client
+        return client
 
     def publish(self, batch: list[Emission], done: list[int]) -> None:
-        """Publish ``batch`` in one round trip; ``done[0]`` becomes ``len(batch)`` once Redis acknowledged it."""
-        if any(emission.eta is not None for emission in batch):
-            self._publish_pipelined(batch, done)
+        """Publish ``batch`` in order; ``done[0]`` counts the messages Redis (or kombu) acknowledged."""
+        destinations, unroutable = route_all(self.route, batch)
+        start = 0
+        for index, destination in enumerate(destinations):
+            if destination.redis_key is None:  # only kombu can deliver it: what precedes goes first
+                self._publish_run(batch, destinations, start, index, done)
+                self._kombu_transport().publish_one(batch[index], destination)
+                done[0] += 1
+                start = index + 1
+        self._publish_run(batch, destinations, start, len(destinations), done)
+        if unroutable is not None:
+            raise unroutable
+
+    def _kombu_transport(self) -> KombuTransport:
+        if self._kombu is None:
+            from litestar_celery_events.transports.kombu import KombuTransport
+
+            self._kombu = KombuTransport(self._app, route=self.route)
+        return self._kombu
+
+    def _publish_run(
+        self, batch: list[Emission], destinations: list[Destination], start: int, stop: int, done: list[int]
+    ) -> None:
+        if start >= stop:
+            return
+        whole = start == 0 and stop == len(batch)
+        emissions = batch if whole else batch[start:stop]
+        routed = destinations if whole else destinations[start:stop]
+        client = self._redis()  # connects: the broker's size limit is known from here on
+        if any(emission.eta is not None for emission in emissions):
+            self._publish_pipelined(client, emissions, routed, done)
             return
         # The common case: only LPUSHes, written as one RESP payload (redis-py's per-argument packing
         # costs about as much as building the message itself) and sent on a pooled connection.
         runs: list[tuple[str, list[str]]] = []
         run_key = ""
-        for emission in batch:
-            queue = emission.queue or self._default_queue
+        limit = self._max_message_bytes
+        refused: str | None = None
+        for emission, destination in zip(emissions, routed, strict=True):
             self._sent += 1
-            key = self.key_of(queue)
+            envelope = redis_envelope(
+                emission,
+                destination.routing_key,
+                self._origin,
+                f"{emission.emission_id}.{self._sent}",
+                destination.priority,
+            )
+            if len(envelope) > limit:  # ASCII JSON: characters are bytes
+                refused = f"the message is {len(envelope)} bytes, over this Redis server's limit of {limit} bytes"
+                break
+            key = destination.redis_key or ""
             if key != run_key:
                 runs.append((key, []))
                 run_key = key
-            runs[-1][1].append(redis_envelope(emission, queue, self._origin, f"{emission.emission_id}.{self._sent}"))
-        self._send(lpush_commands(runs), replies=len(runs))
-        done[0] = len(batch)
+            runs[-1][1].append(envelope)
+        if runs:
+            self._send(client, lpush_commands(runs), replies=len(runs))
+            done[0] += sum(len(values) for _, values in runs)
+        if refused is not None:
+            raise MessageRefused(f"{refused} (proto-max-bulk-len / client-query-buffer-limit)")
 
-    def _send(self, payload: bytes, replies: int) -> None:
-        pool = self._redis.client().connection_pool
+    def _send(self, client: redis.Redis, payload: bytes, replies: int) -> None:
+        pool = client.connection_pool
         connection = pool.get_connection("LPUSH") if _POOL_WANTS_COMMAND_NAME else pool.get_connection()
+        sock = getattr(connection, "_sock", None)
+        usual_s = getattr(connection, "socket_timeout", None) or SOCKET_TIMEOUT_S
         try:
+            if sock is not None:  # a big payload may take a while on a slow link: give it time to match
+                sock.settimeout(write_timeout_s(len(payload), usual_s))
             connection.send_packed_command([payload])  # type: ignore[no-untyped-call]  # redis-py: unannotated
             for _ in range(replies):
                 connection.read_response()  # raises on an error reply
+            if sock is not None:
+                sock.settimeout(usual_s)
         except BaseException:
             connection.disconnect()  # type: ignore[no-untyped-call]  # replies may be unread: drop it
             raise
         finally:
             pool.release(connection)
 
-    def _publish_pipelined(self, batch: list[Emission], done: list[int]) -> None:
-        pipe = self._redis.client().pipeline(transaction=False)
+    def _publish_pipelined(
+        self, client: redis.Redis, batch: list[Emission], routed: list[Destination], done: list[int]
+    ) -> None:
+        pipe = client.pipeline(transaction=False)
         run_key = ""
         run: list[str] = []
-        for emission in batch:
-            queue = emission.queue or self._default_queue
+        for emission, destination in zip(batch, routed, strict=True):
             self._sent += 1
             tag = f"{emission.emission_id}.{self._sent}"
+            key = destination.redis_key or ""
             if emission.eta is not None:  # emit_later: waits in the broker-side store, enqueued when due
-                envelope = redis_envelope(replace(emission, eta=None), queue, self._origin, tag)
-                stage_delayed(
-                    pipe,
-                    self._key_prefix,
-                    emission.emission_id,
-                    due_timestamp(emission.eta),
-                    self.key_of(queue),
-                    envelope,
+                envelope = redis_envelope(
+                    replace(emission, eta=None), destination.routing_key, self._origin, tag, destination.priority
                 )
+                stage_delayed(pipe, self._key_prefix, emission.emission_id, due_timestamp(emission.eta), key, envelope)
                 continue
-            key = self.key_of(queue)
-            if key != run_key:  # one LPUSH per run of messages to the same queue (kombu: one per message)
+            if key != run_key:  # one LPUSH per run of messages to the same list (kombu: one per message)
                 if run:
                     pipe.lpush(run_key, *run)
                 run_key, run = key, []
-            run.append(redis_envelope(emission, queue, self._origin, tag))
+            run.append(redis_envelope(emission, destination.routing_key, self._origin, tag, destination.priority))
         if run:
             # LPUSH k a b c == LPUSH k a; LPUSH k b; LPUSH k c: same order for the worker's BRPOP.
             pipe.lpush(run_key, *run)
         pipe.execute()
-        done[0] = len(batch)
+        done[0] += len(batch)
+
+    def reachable(self) -> bool:
+        try:
+            return bool(self._redis().ping())
+        except Exception:  # noqa: BLE001 - any failure means "not reachable now"
+            self.close()
+            return False
 
     def close(self) -> None:
-        self._redis.close()
+        self._redis_handle.close()
+        self._sized_client = None
+        if self._kombu is not None:
+            self._kombu.close()
+
+
+def write_timeout_s(payload_bytes: int, usual_s: float = SOCKET_TIMEOUT_S) -> float:
+    """Socket timeout of one write: the usual one plus the time the payload takes at ``MIN_LINK_BYTES_PER_S``."""
+    return usual_s + payload_bytes / MIN_LINK_BYTES_PER_S
+
+
+def _max_message_bytes(client: redis.Redis) -> int:
+    """The largest message this server accepts (``CONFIG GET`` may be refused: then Redis's defaults)."""
+    try:
+        config = client.config_get("proto-max-bulk-len")
+        config.update(client.config_get("client-query-buffer-limit"))
+        limits = [
+            int(str(config[name])) for name in ("proto-max-bulk-len", "client-query-buffer-limit") if name in config
+        ]
+    except redis.ResponseError:  # CONFIG is often disabled on managed Redis
+        return DEFAULT_MAX_BULK_BYTES
+    return min(limits, default=DEFAULT_MAX_BULK_BYTES)

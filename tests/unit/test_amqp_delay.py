@@ -148,8 +148,8 @@ def test_the_publisher_sends_a_delayed_emission_to_its_first_level_without_eta()
     producer = mock.Mock()
     emission = Emission.create("reminder", "events.reminder", (), {"note": "x"}, max_payload_bytes=1000, queue="mail")
     emission.eta = eta_of(time.time() + 7199.5)
-    transport._publish_one(producer, emission)
-    transport._publish_one(producer, emission)
+    transport.publish_to(producer, emission, transport.route(emission))
+    transport.publish_to(producer, emission, transport.route(emission))
     first, second = producer.publish.call_args_list
     # Entering at the delay's highest bit (kombu enters at 27): 7200 s = 2**12 + ... waits in level 12 first.
     assert first.kwargs["exchange"] == "celery_events_celery_delayed_12"
@@ -164,6 +164,21 @@ def test_the_publisher_sends_a_delayed_emission_to_its_first_level_without_eta()
 
 
 def test_a_due_emission_goes_straight_to_its_queue() -> None:
+    config = CeleryEventsConfig(broker_url=UNREACHABLE_AMQP, default_queue="mail")
+    emitter = Litestar(listeners=[remind], plugins=[CeleryEventsPlugin(config)]).event_emitter
+    assert isinstance(emitter, CeleryEventEmitter)
+    producer = mock.Mock()
+    emission = Emission.create("reminder", "events.reminder", (), {"note": "x"}, max_payload_bytes=1000)
+    emission.eta = eta_of(time.time() - 3)
+    transport = KombuTransport(emitter.celery_app)
+    transport.publish_to(producer, emission, transport.route(emission))
+    assert producer.publish.call_args.kwargs["exchange"] == ""
+    assert producer.publish.call_args.kwargs["routing_key"] == "mail"
+    assert producer.publish.call_args.kwargs["headers"][DUE_AT_HEADER] == emission.eta  # the cancel check still runs
+
+
+def test_a_delayed_emission_routed_through_an_exchange_that_may_fan_out_keeps_celerys_eta() -> None:
+    """The delay levels end in one queue by name; a topic exchange may feed several: send_task's countdown."""
     config = CeleryEventsConfig(
         broker_url=UNREACHABLE_AMQP,
         celery_config={"task_queues": [Queue("mail", Exchange("mail", type="topic"), routing_key="mail.#")]},
@@ -172,11 +187,12 @@ def test_a_due_emission_goes_straight_to_its_queue() -> None:
     assert isinstance(emitter, CeleryEventEmitter)
     producer = mock.Mock()
     emission = Emission.create("reminder", "events.reminder", (), {"note": "x"}, max_payload_bytes=1000, queue="mail")
-    emission.eta = eta_of(time.time() - 3)
-    KombuTransport(emitter.celery_app)._publish_one(producer, emission)
+    emission.eta = eta_of(time.time() + 60)
+    transport = KombuTransport(emitter.celery_app)
+    transport.publish_to(producer, emission, transport.route(emission))
     assert producer.publish.call_args.kwargs["exchange"] == "mail"
     assert producer.publish.call_args.kwargs["routing_key"] == "mail.#"
-    assert producer.publish.call_args.kwargs["headers"][DUE_AT_HEADER] == emission.eta  # the cancel check still runs
+    assert producer.publish.call_args.kwargs["headers"]["eta"] == emission.eta  # the worker's cancel check reads it
 
 
 @pytest.fixture

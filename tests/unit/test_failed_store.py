@@ -170,3 +170,29 @@ def test_replay_runs_the_recorded_listener_only_with_the_original_emission_as_ro
         replay_emission({**record, "listener": "-"}, registry, config)
     with pytest.raises(ReplayError, match="event 'gone' has no listener"):
         replay_emission({**record, "event_id": "gone"}, registry, config)
+
+
+def test_an_emission_the_broker_refuses_is_recorded_once_per_listener_with_its_arguments(tmp_path: Path) -> None:
+    from litestar import Litestar
+
+    from litestar_celery_events import CeleryEventsPlugin, listener
+    from litestar_celery_events.contract.message import Emission
+
+    @listener("paid")
+    def charge(order: int) -> None: ...
+
+    @listener("paid")
+    def notify(order: int) -> None: ...
+
+    store_path = tmp_path / "failed.sqlite3"
+    config = CeleryEventsConfig(broker_url="redis://localhost/0", failed_store_url=f"sqlite:///{store_path}")
+    app = Litestar(listeners=[charge, notify], plugins=[CeleryEventsPlugin(config)])
+    emitter = app.event_emitter
+    emission = Emission.create("paid", "events.paid", (), {"order": 7}, max_payload_bytes=1000)
+    emitter.record_refused(emission, "the message is 3000000 bytes, over this Redis server's limit")  # type: ignore[attr-defined]
+    store = SqliteFailedStore(store_path)
+    records = store.records(event_id="paid")
+    assert sorted(r["listener"].rpartition(".")[2] for r in records) == ["charge", "notify"]
+    assert {r["emission_id"] for r in records} == {emission.emission_id}
+    assert all(r["kwargs"] == {"order": 7} and r["permanent"] for r in records)
+    assert all("over this Redis server's limit" in r["message"] for r in records)

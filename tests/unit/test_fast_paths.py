@@ -131,7 +131,8 @@ def test_a_batch_goes_out_as_one_lpush_per_run_of_the_same_queue_in_one_payload(
     app.conf.broker_url = "redis://127.0.0.1:1/0"
     transport = RedisTransport(app)
     client = RecordingClient()
-    transport._redis.client = lambda: client  # type: ignore[method-assign,assignment,return-value]
+    transport._redis_handle.client = lambda: client  # type: ignore[method-assign,assignment,return-value]
+    transport._sized_client = client  # type: ignore[assignment]  # its size limit: Redis's default
     queues = ["a", "a", "b", None, None, "a"]
     batch = [
         Emission.create("e", "events.e", (), {"n": n}, max_payload_bytes=1000, queue=q) for n, q in enumerate(queues)
@@ -165,7 +166,8 @@ def test_a_failed_send_drops_the_connection_and_reports_nothing_done() -> None:
         raise ConnectionError("reset")
 
     connection.send_packed_command = broken  # type: ignore[method-assign]
-    transport._redis.client = lambda: client  # type: ignore[method-assign,assignment,return-value]
+    transport._redis_handle.client = lambda: client  # type: ignore[method-assign,assignment,return-value]
+    transport._sized_client = client  # type: ignore[assignment]  # its size limit: Redis's default
     done = [0]
     with pytest.raises(ConnectionError):
         transport.publish([Emission.create("e", "events.e", (), {}, max_payload_bytes=1000)], done)
