@@ -181,7 +181,10 @@ class Publisher:
         self._stopping = True
         self._wakeup.set()
         spool = self.spool
-        while (self._buffer or (spool and spool.active)) and thread.is_alive() and time.monotonic() < deadline:
+        # In flight too: a batch that fails (or holds a refused message) goes back to the buffer first.
+        while (self._buffer or self._in_flight or (spool and spool.active)) and thread.is_alive():
+            if time.monotonic() >= deadline:
+                break
             time.sleep(0.005)
         self._flush_deadline_passed = True
         self._wakeup.set()
@@ -217,19 +220,21 @@ class Publisher:
         size = min(len(buffer), self._batch_cap)
         budget = self._config.publish_batch_bytes
         batch: list[Emission] = []
+        self._in_flight = batch  # each event is in the buffer or in flight at every moment (stop() looks)
         for _ in range(size):
             budget -= len(buffer[0].body)
             if budget < 0 and batch:
                 break
-            batch.append(buffer.popleft())
+            batch.append(buffer[0])
+            buffer.popleft()
         return batch
 
     def _after_failure(self, batch: list[Emission], done: int, exc: Exception) -> list[Emission]:
         """Shrink the next batches; return the message the broker will never take, if ``batch`` was it alone."""
-        self._batch_cap = max(1, min(self._batch_cap, len(batch) - done) // 2)
-        if isinstance(exc, MessageRefused):
+        if isinstance(exc, MessageRefused):  # that one message, not the batch's size
             self._alone_failures = 0
             return batch[done : done + 1]
+        self._batch_cap = max(1, min(self._batch_cap, len(batch) - done) // 2)
         if len(batch) - done != 1:
             self._alone_failures = 0
             return []
@@ -285,7 +290,7 @@ class Publisher:
                 continue
             if self._flush_deadline_passed:
                 return
-            batch = self._in_flight = self._next_batch()
+            batch = self._next_batch()
             done = [0]
             started = time.monotonic()
             try:
