@@ -152,7 +152,7 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
             permanent=True,
             emitted_at=emission.emitted_at,
         )
-        store = failed_store_for(self.config, str(self.celery_app.conf.broker_url))
+        store = failed_store_for(self.config, self.celery_app)
         try:
             for name in listeners:
                 failure.listener = name

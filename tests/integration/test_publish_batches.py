@@ -144,7 +144,7 @@ def test_a_message_over_the_brokers_size_limit_goes_to_the_failed_store_and_the_
         assert emitter.stop() == 0
     assert client.llen("big") == 2, "the events before and after the refused one are delivered"
     assert emitter.publisher.refused == 1
-    store = failed_store_for(emitter.config, broker_url)
+    store = failed_store_for(emitter.config, emitter.celery_app)
     try:
         (record,) = store.records(event_id="big_event")
     finally:
