@@ -23,7 +23,7 @@ import redis
 from kombu import Connection
 from litestar import Litestar
 
-from litestar_celery_events import emit_later
+from litestar_celery_events import cancel_scheduled, emit_later
 from litestar_celery_events.cli.replay import replay_emission
 from litestar_celery_events.runtime.mover import Mover
 from litestar_celery_events.runtime.tasks import register_event_tasks
@@ -262,3 +262,31 @@ def _both_landed(placements: dict[str, list[Any]], copies: int) -> dict[str, lis
     if len(placements.get("library", [])) >= copies and len(placements.get("celery", [])) >= copies:
         return placements
     return None
+
+
+def test_a_cancelled_emit_later_through_a_topic_exchange_on_redis_never_runs(
+    redis_url: str, use_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    """Such a delayed event rides Celery's eta (as send_task's countdown): the worker checks the cancel."""
+    tag = uuid.uuid4().hex[:10]
+    env = use_env(
+        redis_url, app="tests.apps.routed:create_app", ROUTING_CASE="topic-exchange-two-queues", ROUTE_TAG=tag
+    )
+    app = create_app()
+    emitter = app.event_emitter
+    queues = [queue("a"), queue("b")]
+    view = RedisView(redis_url, tag)
+    try:
+        view.prepare(emitter.celery_app, queues)
+        emitter.start()
+        cancelled = emit_later(app, ROUTED_EVENT, marker="cancelled", delay=1.5)
+        emit_later(app, ROUTED_EVENT, marker="kept", delay=1.5)
+        assert cancel_scheduled(app, cancelled) is True
+        assert emitter.stop() == 0
+        records = Path(env["RECORD_FILE"])
+        with celery_worker(env, tmp_path / "worker.log", queues=",".join(queues)) as worker:
+            wait_for(lambda: len(read_records(records)) >= 2, timeout=30, what="the kept event's runs")
+            worker.wait_output("cancelled before it was due", timeout=10)
+        assert sorted(r["kwargs"]["marker"] for r in read_records(records)) == ["kept", "kept"]
+    finally:
+        view.close()
