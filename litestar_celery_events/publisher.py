@@ -13,11 +13,13 @@ import os
 import threading
 import time
 from collections import deque
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
+from litestar_celery_events.batches import BatchSizer
 from litestar_celery_events.brokers import redact_url, retry_delay_s, worth_logging
 from litestar_celery_events.errors import EventBufferFullError
-from litestar_celery_events.transports import MessageRefused, Transport, transport_for
+from litestar_celery_events.transports import Transport, transport_for
 from litestar_celery_events.transports.routing import EventRouter
 
 if TYPE_CHECKING:
@@ -42,9 +44,6 @@ MIN_PUBLISH_INTERVAL_S = 0.002
 MAX_PUBLISH_INTERVAL_S = 0.02
 """Under a steady stream of events, round trips are 2 ms (one event per batch) to 20 ms apart, so
 each carries a batch: a round trip costs ~100x the CPU of adding one message to it."""
-REFUSED_AFTER_ATTEMPTS = 3
-"""A message that failed this many times in a row, sent alone, while the broker still answers, is
-one the broker will never take: it goes to the failed-events store instead of blocking the rest."""
 
 
 class Publisher:
@@ -65,11 +64,9 @@ class Publisher:
         self._task_options = task_options
         self._transport = transport or transport_for(celery_app, task_options)
         self._on_refused = on_refused
-        self._fallback_route: Route | None = None
-        self._batch_cap = config.publish_batch_size
-        """Shrinks (halves) after each failed publish and grows back after each success: a batch
-        too big to write in time is retried in smaller parts."""
-        self._alone_failures = 0
+        self.route: Route = getattr(self._transport, "route", None) or EventRouter(celery_app, task_options)
+        """Where each emission goes (the Celery app's router and settings; see ``transports.routing``)."""
+        self._batches = BatchSizer(config)
         self._pid = os.getpid()
         self._broker = redact_url(config.resolved_broker_url)
         self._buffer: deque[Emission] = deque()
@@ -92,16 +89,6 @@ class Publisher:
         self._watched: list[Emission] | None = None
         self._watched_since = 0.0
         self._spooled_in_flight: set[str] = set()
-
-    @property
-    def route(self) -> Route:
-        """Where each emission goes (the Celery app's router and settings; see ``transports.routing``)."""
-        route: Route | None = getattr(self._transport, "route", None)  # a transport of the caller's may have none
-        if route is None:
-            if self._fallback_route is None:
-                self._fallback_route = EventRouter(self._celery_app, self._task_options)
-            route = self._fallback_route
-        return route
 
     @property
     def pending(self) -> int:
@@ -215,42 +202,18 @@ class Publisher:
         return left
 
     def _next_batch(self) -> list[Emission]:
-        """The oldest events, at most ``_batch_cap`` of them and ``publish_batch_bytes`` of arguments (at least one)."""
+        """The oldest events that fit one round trip (``BatchSizer``)."""
         buffer = self._buffer
-        size = min(len(buffer), self._batch_cap)
-        budget = self._config.publish_batch_bytes
+        size = self._batches.fitting(len(emission.body) for emission in islice(buffer, self._batches.cap))
         batch: list[Emission] = []
         self._in_flight = batch  # each event is in the buffer or in flight at every moment (stop() looks)
         for _ in range(size):
-            budget -= len(buffer[0].body)
-            if budget < 0 and batch:
-                break
             batch.append(buffer[0])
             buffer.popleft()
         return batch
 
     def _after_failure(self, batch: list[Emission], done: int, exc: Exception) -> list[Emission]:
-        """Shrink the next batches; return the message the broker will never take, if ``batch`` was it alone."""
-        if isinstance(exc, MessageRefused):  # that one message, not the batch's size
-            self._alone_failures = 0
-            return batch[done : done + 1]
-        self._batch_cap = max(1, min(self._batch_cap, len(batch) - done) // 2)
-        if len(batch) - done != 1:
-            self._alone_failures = 0
-            return []
-        self._alone_failures += 1
-        if self._alone_failures < REFUSED_AFTER_ATTEMPTS:
-            return []
-        reachable = getattr(self._transport, "reachable", None)
-        if reachable is None or not reachable():  # an outage: the message is not the cause, keep it
-            return []
-        self._alone_failures = 0
-        return batch[done : done + 1]
-
-    def _after_success(self) -> None:
-        self._alone_failures = 0
-        if self._batch_cap < self._config.publish_batch_size:
-            self._batch_cap = min(self._config.publish_batch_size, self._batch_cap * 2)
+        return self._batches.after_failure(batch, done, exc, getattr(self._transport, "reachable", None))
 
     def _refuse(self, emission: Emission, exc: Exception) -> None:
         """Hand a message the broker never takes to the failed-events store (``on_refused``); never silent."""
@@ -306,14 +269,14 @@ class Publisher:
                 failures += 1
                 self._back_off(exc, failures, f"{len(self._buffer)} event(s) waiting")
                 continue
-            self._after_success()
+            self._batches.after_success()
             if failures:
                 logger.warning("publishing to %s again after %d failed attempt(s)", self._broker, failures)
                 failures = 0
             self.published += len(batch)
             self._in_flight = []
             self._drop_spooled_copies(spool)
-            if len(self._buffer) < self._batch_cap and not self._stopping:
+            if len(self._buffer) < self._batches.cap and not self._stopping:
                 # A steady stream goes out in batches: the busier the stream (the bigger this batch),
                 # the longer until the next round trip, within MIN/MAX_PUBLISH_INTERVAL_S. After a
                 # quiet spell the thread is idle and the next event goes out at once.
@@ -362,15 +325,10 @@ class Publisher:
         # Memory holds newer events than the spool, or a failed batch already spooled when it stalled.
         spool.spill(self._buffer, skip=self._spooled_in_flight)
         self._spooled_in_flight = set()
-        source, rows = spool.oldest(self._batch_cap)
+        source, rows = spool.oldest(self._batches.cap)
         if source is None:
             return failures
-        budget = self._config.publish_batch_bytes
-        for size, (_, emission) in enumerate(rows):
-            budget -= len(emission.body)
-            if budget < 0 and size:
-                rows = rows[:size]
-                break
+        rows = rows[: self._batches.fitting(len(emission.body) for _, emission in rows)]
         batch = [emission for _, emission in rows]
         done = [0]
         try:
@@ -388,7 +346,7 @@ class Publisher:
             failures += 1
             self._back_off(exc, failures, f"{spool.depth} event(s) in the spool")
             return failures
-        self._after_success()
+        self._batches.after_success()
         spool.published(source, rows[-1][0])
         self.published += len(batch)
         if failures:

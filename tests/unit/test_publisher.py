@@ -217,7 +217,7 @@ def test_a_message_failing_alone_during_an_outage_is_kept_not_refused() -> None:
     publisher = Publisher(app, config, transport, on_refused=lambda emission, reason: refused.append(emission))
     publisher.submit(_emission(0))
     publisher.start()
-    wait_for(lambda: publisher._alone_failures >= 4, timeout=30, what="several failed attempts")
+    wait_for(lambda: publisher._batches.failing_alone >= 2, timeout=30, what="several failed attempts")
     assert refused == []
     assert publisher.pending == 1
     assert publisher.stop(timeout_s=0.1) == 1
