@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from celery.app.routes import MapRoute
 from celery.exceptions import QueueNotFound
-from kombu import Exchange, Queue
 from kombu.common import Broadcast
 from litestar.exceptions import ImproperlyConfiguredException
 
@@ -29,6 +28,7 @@ from litestar_celery_events.transports.base import MessageRefused
 
 if TYPE_CHECKING:
     from celery import Celery
+    from kombu import Queue
 
     from litestar_celery_events.contract.message import Emission
 
@@ -44,8 +44,8 @@ ROUTING_OPTIONS = ("queue", "exchange", "routing_key", "priority")
 class Destination:
     """Where Celery's ``send_task_message`` would publish a message of one task."""
 
-    exchange: str | Exchange
-    """``""``: the default exchange, where ``routing_key`` names the queue."""
+    exchange: str
+    """Its name; ``""``: the default exchange, where ``routing_key`` names the queue."""
     routing_key: str
     priority: int | None
     declare: tuple[Queue, ...]
@@ -169,15 +169,16 @@ class EventRouter:
             routing_key = routing_key or target.routing_key or self._app.conf.task_default_routing_key
         declare = (target,) if target is not None and not isinstance(target, Broadcast) else ()
         priority = options.get("priority")
+        exchange_name = str(getattr(exchange, "name", exchange))  # an Exchange object: kombu publishes to its name
         return Destination(
-            exchange=exchange,
+            exchange=exchange_name,
             routing_key=str(routing_key or ""),
             priority=priority,
             declare=declare,
-            redis_key=self._redis_key(exchange, qname, target, priority),
+            redis_key=self._redis_key(exchange_name, qname, target, priority),
         )
 
-    def _redis_key(self, exchange: Any, qname: str | None, target: Queue | None, priority: Any) -> str | None:
+    def _redis_key(self, exchange: str, qname: str | None, target: Queue | None, priority: Any) -> str | None:
         if self._redis_options is None or exchange != "" or not qname:
             return None  # a named exchange: its bindings (in Redis, maybe several queues) decide
         if target is not None and "x-expires" in (target.queue_arguments or {}):
