@@ -78,6 +78,13 @@ def _priority_steps() -> dict[str, Any]:
     }
 
 
+def _global_keyprefix() -> dict[str, Any]:
+    return {
+        "default_queue": queue("default"),
+        "celery_config": {"broker_transport_options": {"global_keyprefix": f"app-{tag()}:"}},
+    }
+
+
 def _default_priority() -> dict[str, Any]:
     options = {"queue_arguments": {"x-max-priority": 9}}
     return {
@@ -115,6 +122,7 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "default_queue": _default_queue,
     "task_default_queue": _task_default_queue,
     "priority_steps": _priority_steps,
+    "global_keyprefix": _global_keyprefix,
     "task_default_priority": _default_priority,
     "listener-queue-priority": _listener_options,
     "topic-exchange-two-queues": _topic_two_queues,

@@ -47,6 +47,7 @@ LANDS_IN: dict[str, tuple[str, ...]] = {
     "default_queue": ("default",),
     "task_default_queue": ("default",),
     "priority_steps": ("default",),
+    "global_keyprefix": ("default",),
     "task_default_priority": ("default",),
     "listener-queue-priority": ("priced",),
     "topic-exchange-two-queues": ("a", "b"),
@@ -64,12 +65,12 @@ REDIS_KEYS = {
 }
 """kombu's Redis priority lists: priority 0 with steps [1, 5, 9] -> 9; 5 -> 3; 7 -> 6 (default steps)."""
 
-AMQP_SAME = ("priority_steps", "emit_later-topic")
+AMQP_SAME = ("priority_steps", "global_keyprefix", "emit_later-topic")
 ROWS = [
     *(pytest.param("redis", case, id=f"redis-{case}") for case in LANDS_IN),
     pytest.param("unix_redis", "task_routes-dict", id="redis-unix-socket-task_routes-dict"),
     pytest.param("unix_redis", "task_default_priority", id="redis-unix-socket-task_default_priority"),
-    # priority_steps is a Redis transport option; emit_later-topic is emit_later-routed on RabbitMQ.
+    # Redis transport options; emit_later-topic is emit_later-routed on RabbitMQ.
     *(pytest.param("amqp", case, id=f"amqp-{case}") for case in LANDS_IN if case not in AMQP_SAME),
 ]
 
@@ -245,7 +246,8 @@ def test_the_library_publishes_where_send_task_does_and_a_worker_on_that_queue_r
         if broker == "amqp":
             assert where == sorted(expected)
         else:
-            assert where == sorted(name + REDIS_KEYS.get(case, "") for name in expected)
+            prefix = f"app-{tag}:" if case == "global_keyprefix" else ""
+            assert where == sorted(prefix + name + REDIS_KEYS.get(case, "") for name in expected)
         library_messages = len(placements["library"])  # beat may have fired a second tick
 
         with celery_worker(env, tmp_path / "worker.log", queues=",".join(expected)):
