@@ -177,6 +177,8 @@ class RefusingTransport(ScriptedTransport):
     def publish(self, batch: list[Emission], done: list[int]) -> None:
         from litestar_celery_events.transports import MessageRefused
 
+        if self.down.is_set():
+            raise ConnectionError("refused")
         for emission in batch:
             if emission.emission_id == self.bad:
                 if self.refuse:

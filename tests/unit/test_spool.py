@@ -249,3 +249,28 @@ def test_a_broker_that_hangs_sends_new_events_and_the_stalled_batch_to_the_spool
     time.sleep(0.2)
     assert sorted(transport.sent) == sorted(f"id-{i}" for i in range(n)), "each event exactly once"
     publisher.stop()
+
+
+def test_a_refused_message_in_the_spool_is_handed_on_and_the_rows_after_it_are_published(tmp_path: Path) -> None:
+    from tests.unit.test_publisher import RefusingTransport
+
+    transport = RefusingTransport("id-7", refuse=True)
+    transport.down.set()
+    refused: list[str] = []
+    publisher = Publisher(
+        Celery(set_as_current=False),
+        _config(tmp_path, publish_batch_size=5),
+        transport,  # type: ignore[arg-type]
+        on_refused=lambda emission, reason: refused.append(emission.emission_id),
+    )
+    publisher.start()
+    publisher.submit(_emission(0))
+    wait_for(lambda: publisher.spooled == 1, what="the outage to start spooling")
+    for n in range(1, 15):
+        publisher.submit(_emission(n))
+    transport.down.clear()
+    wait_for(lambda: len(transport.sent) == 14, what="the spool to drain around the refused row")
+    assert transport.sent == [f"id-{n}" for n in range(15) if n != 7]
+    assert refused == ["id-7"]
+    wait_for(lambda: publisher.spooled == 0, what="the spool to empty")
+    assert publisher.stop() == 0
