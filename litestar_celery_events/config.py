@@ -13,6 +13,7 @@ from litestar_celery_events.contract.events import event_task_name, listener_tas
 
 if TYPE_CHECKING:
     from celery import Celery
+    from litestar.types import LifespanHook
 
     from litestar_celery_events.contract.payloads import EventDeclaration
     from litestar_celery_events.contract.periodic import PeriodicEvent
@@ -38,6 +39,7 @@ DEFAULT_MAX_BUFFERED_EVENTS = 100_000
 DEFAULT_MAX_PAYLOAD_BYTES = 1_000_000
 DEFAULT_MAX_SPOOLED_EVENTS = 1_000_000
 DEFAULT_PUBLISH_BATCH_BYTES = 4_000_000
+DEFAULT_WORKER_SHUTDOWN_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,20 @@ class CeleryEventsConfig:
     spool_full_policy: Literal["raise", "drop_oldest"] = "raise"
     """When the spool is full: raise ``EventBufferFullError`` at ``emit`` or drop the oldest spooled
     event with an error log. Never silent."""
+    worker_lifespan: bool = True
+    """Run the Litestar app's lifespan in every worker process that runs listeners, as the web
+    process does: ``on_startup`` hooks, ``lifespan=[...]`` context managers and plugins' start-up
+    (advanced-alchemy's engine in ``app.state``) once before the process takes its first task, on
+    the event loop that runs its async listeners; ``on_shutdown`` and the context managers' exits
+    when it ends. ``False`` for an app whose start-up is web-only (``worker_on_startup`` still runs)."""
+    worker_on_startup: Sequence[LifespanHook] = ()
+    """Hooks only worker processes run, after the app's start-up (``hook(app)`` or ``hook()``, sync or
+    async, like Litestar's ``on_startup``); one that raises stops the worker."""
+    worker_on_shutdown: Sequence[LifespanHook] = ()
+    """Hooks only worker processes run when they end, before the app's shutdown side."""
+    worker_shutdown_timeout_s: float = DEFAULT_WORKER_SHUTDOWN_TIMEOUT_S
+    """Longest wait for a worker process's shutdown side (``worker_on_shutdown``, the app's
+    ``on_shutdown`` and lifespan exits); past it the rest is abandoned, with an error log."""
     failed_store_url: str | None = None
     """Where failed events are recorded: a ``redis://`` URL or ``sqlite:///path``. Default: the
     broker's Redis when the broker is Redis, else ``data_dir/failed.sqlite3`` (one machine)."""
@@ -164,6 +180,8 @@ class CeleryEventsConfig:
             raise ValueError(f"periodic events need distinct names; give name= to tell apart: {twice}")
         if self.spool_full_policy not in ("raise", "drop_oldest"):
             raise ValueError("spool_full_policy must be 'raise' or 'drop_oldest'")
+        if self.worker_shutdown_timeout_s < 0:
+            raise ValueError("worker_shutdown_timeout_s must not be negative")
         if self.spool_after_events < 0 or self.max_spooled_events < 1:
             raise ValueError("spool_after_events must be >= 0 and max_spooled_events >= 1")
 

@@ -17,13 +17,13 @@ from litestar.events import BaseEventEmitterBackend
 from litestar_celery_events.celery_app import build_celery_app
 from litestar_celery_events.config import CeleryEventsConfig
 from litestar_celery_events.contract.message import Emission
-from litestar_celery_events.errors import EmitterNotRunningError, PluginNotInstalledError
+from litestar_celery_events.errors import EmitterNotRunningError, ListenerSignatureError, PluginNotInstalledError
 from litestar_celery_events.listeners import ListenerRegistry
 from litestar_celery_events.publisher import Publisher
 from litestar_celery_events.tracing import emission_tracer
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from types import TracebackType
 
     from celery import Celery
@@ -43,10 +43,12 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
     """
 
     config: ClassVar[CeleryEventsConfig] = CeleryEventsConfig()
+    app_dependencies: ClassVar[Mapping[str, Any]] = {}
+    """The app's ``dependencies``: listener parameters they provide are injected, not emitted."""
 
     def __init__(self, listeners: Sequence[EventListener]) -> None:
         super().__init__(listeners=listeners)
-        self.registry = ListenerRegistry.build(listeners, self.config)
+        self.registry = ListenerRegistry.build(listeners, self.config, self.app_dependencies)
         self.celery_app: Celery = build_celery_app(self.config)
         self.publisher = Publisher(
             self.celery_app, self.config, task_options=self.task_options(), on_refused=self.record_refused
@@ -56,8 +58,12 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
         self._trace: Callable[[Emission], None] | None = emission_tracer()  # None without opentelemetry
 
     @classmethod
-    def bound_to(cls, config: CeleryEventsConfig) -> type[CeleryEventEmitter]:
-        return type(cls.__name__, (cls,), {"config": config, "__module__": cls.__module__})
+    def bound_to(
+        cls, config: CeleryEventsConfig, app_dependencies: Mapping[str, Any] | None = None
+    ) -> type[CeleryEventEmitter]:
+        """``app_dependencies`` is read when Litestar builds the backend, after every plugin added its own."""
+        attributes = {"config": config, "app_dependencies": app_dependencies or {}, "__module__": cls.__module__}
+        return type(cls.__name__, (cls,), attributes)
 
     @property
     def running(self) -> bool:
@@ -101,6 +107,8 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
                 "app's lifespan (request handlers, on_startup hooks) or use emitter.start()"
             )
         specs = self.registry.get(event_id)
+        if self.registry.unresolved and event_id in self.registry.unresolved:
+            raise ListenerSignatureError(f"cannot emit event {event_id!r}: {self.registry.unresolved[event_id]}")
         if self.config.check_signatures:
             self.registry.check_arguments(event_id, specs, args, kwargs)
         payloads = self.registry.payloads  # empty unless some listener or declaration has typed parameters

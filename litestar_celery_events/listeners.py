@@ -17,10 +17,13 @@ from litestar.events import EventListener
 from litestar.exceptions import ImproperlyConfiguredException
 
 from litestar_celery_events.contract.events import validate_event_id
+from litestar_celery_events.contract.injection import Injection, as_provider, injection_of
 from litestar_celery_events.contract.payloads import EventPayload, ListenerPayload, listener_payload
 from litestar_celery_events.errors import ListenerSignatureError
 
 if TYPE_CHECKING:
+    from litestar.di import Provide
+
     from litestar_celery_events.config import CeleryEventsConfig
     from litestar_celery_events.contract.payloads import EventDeclaration
 
@@ -49,9 +52,14 @@ MAX_REMEMBERED_SHAPES = 4096
 class CeleryEventListener(EventListener):
     """``litestar.events.listener`` plus Celery task options; register it with ``Litestar(listeners=...)``."""
 
-    __slots__ = ("celery_options", "original_fn")
+    __slots__ = ("celery_options", "dependencies", "original_fn")
 
-    def __init__(self, *event_ids: str, **celery_options: Any) -> None:
+    def __init__(
+        self,
+        *event_ids: str,
+        dependencies: Mapping[str, Provide | Callable[..., Any]] | None = None,
+        **celery_options: Any,
+    ) -> None:
         for event_id in event_ids:
             validate_event_id(event_id)
         unknown = set(celery_options) - CELERY_TASK_OPTIONS
@@ -63,6 +71,8 @@ class CeleryEventListener(EventListener):
             celery_options["autoretry_for"] = tuple(celery_options["autoretry_for"])
         super().__init__(*event_ids)
         self.celery_options: dict[str, Any] = celery_options
+        self.dependencies: dict[str, Provide] = {key: as_provider(value) for key, value in (dependencies or {}).items()}
+        """Listener-level providers, as a route handler's ``dependencies=``; they override the app's."""
 
     def __call__(self, fn: Callable[..., Any]) -> CeleryEventListener:
         super().__call__(fn)
@@ -87,6 +97,14 @@ def original_function(event_listener: EventListener) -> Callable[..., Any]:
     return wrapped
 
 
+def unprovided_message(listener_name: str, parameters: Iterable[str]) -> str:
+    names = ", ".join(repr(p) for p in parameters)
+    return (
+        f"listener {listener_name} asks for dependency {names}, which no layer provides: add it to the app's "
+        "dependencies (Litestar(dependencies={...})) or the listener's (listener(..., dependencies={...}))"
+    )
+
+
 def _listener_name(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
@@ -102,12 +120,21 @@ class ArgumentCheck:
     var_keyword: bool
 
     @classmethod
-    def of(cls, fn: Callable[..., Any]) -> ArgumentCheck:
-        params = list(inspect.signature(fn).parameters.values())
-        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    def of(cls, fn: Callable[..., Any], injected: frozenset[str] = frozenset()) -> ArgumentCheck:
+        """The check of the emitted parameters of ``fn``: ``injected`` ones are never emitted."""
+        every = list(inspect.signature(fn).parameters.values())
+        params = [p for p in every if p.name not in injected]
+        positional = []
+        for p in every:  # emitted positional arguments fill the slots before the first injected one
+            if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) or p.name in injected:
+                break
+            positional.append(p)
+        open_ended = any(p.kind is p.VAR_POSITIONAL for p in params) and len(positional) == sum(
+            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in every
+        )
         return cls(
             positional_names=tuple(p.name for p in positional),
-            positional_max=None if any(p.kind is p.VAR_POSITIONAL for p in params) else len(positional),
+            positional_max=None if open_ended else len(positional),
             keyword_names=frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)),
             required_names=frozenset(
                 p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
@@ -146,6 +173,10 @@ class ListenerSpec:
     check: ArgumentCheck
     payload: ListenerPayload | None = None
     """Parameters annotated with a dataclass, msgspec Struct or pydantic model (``None``: none)."""
+    injection: Injection = field(default_factory=Injection)
+    """Parameters the worker injects (dependencies, ``app``, ``state``): never emitted."""
+    dependencies: Mapping[str, Provide] = field(default_factory=dict)
+    """The listener's own providers (``listener(..., dependencies={...})``)."""
 
     @property
     def runs_as_own_task(self) -> bool:
@@ -166,10 +197,19 @@ class ListenerRegistry:
     """Declared events (``declare_event``): checked at ``emit``, never run."""
     payloads: dict[str, EventPayload] = field(default_factory=dict)
     """Only events with typed parameters (listeners' or declared): emit converts just those."""
+    unresolved: dict[str, str] = field(default_factory=dict)
+    """``event_id -> error``: a listener of the event asks for a dependency no layer provides."""
     _fitting_shapes: set[tuple[Any, ...]] = field(default_factory=set, repr=False, compare=False)
 
     @classmethod
-    def build(cls, listeners: Iterable[EventListener], config: CeleryEventsConfig) -> ListenerRegistry:
+    def build(
+        cls,
+        listeners: Iterable[EventListener],
+        config: CeleryEventsConfig,
+        app_dependencies: Mapping[str, Any] | None = None,
+    ) -> ListenerRegistry:
+        """``app_dependencies``: the app's ``dependencies`` (names only matter here)."""
+        unresolved: dict[str, str] = {}
         grouped: defaultdict[str, list[ListenerSpec]] = defaultdict(list)
         by_name: dict[str, ListenerSpec] = {}
         for event_listener in listeners:
@@ -184,19 +224,28 @@ class ListenerRegistry:
             own = dict(getattr(event_listener, "celery_options", {}))
             # A listener's own options override the config's default retry policy, key by key.
             options = {**config.default_retry.as_task_options(), **own}
+            dependencies: dict[str, Provide] = dict(getattr(event_listener, "dependencies", None) or {})
+            injection = injection_of(fn, {**(app_dependencies or {}), **dependencies}, f"listener {name}")
+            skipped = injection.names | set(injection.unprovided)
             spec = ListenerSpec(
                 name=name,
                 fn=fn,
                 event_ids=event_listener.event_ids,
                 is_async=inspect.iscoroutinefunction(fn),
                 task_options=options,
-                check=ArgumentCheck.of(fn),
-                payload=listener_payload(fn, f"listener {name}"),
+                check=ArgumentCheck.of(fn, skipped),
+                payload=listener_payload(fn, f"listener {name}", skip=skipped),
+                injection=injection,
+                dependencies=dependencies,
             )
+            if injection.unprovided:
+                problem = unprovided_message(name, injection.unprovided)
+                for event_id in spec.event_ids:
+                    unresolved[event_id] = problem
             by_name[name] = spec
             for event_id in sorted(spec.event_ids):
                 grouped[event_id].append(spec)
-        registry = cls({event_id: tuple(specs) for event_id, specs in grouped.items()}, by_name)
+        registry = cls({event_id: tuple(specs) for event_id, specs in grouped.items()}, by_name, unresolved=unresolved)
         registry.add_declarations(config.declared_events)
         registry.warn_incompatible()
         return registry

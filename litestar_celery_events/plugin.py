@@ -26,7 +26,8 @@ class CeleryEventsPlugin(InitPluginProtocol, CLIPluginProtocol):
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         # Litestar instantiates the backend with only ``listeners=``: the config rides on a subclass.
-        app_config.event_emitter_backend = CeleryEventEmitter.bound_to(self.config)
+        # The dependencies dict is the one later plugins (advanced-alchemy's db_session) add to.
+        app_config.event_emitter_backend = CeleryEventEmitter.bound_to(self.config, app_config.dependencies)
         return app_config
 
     def on_cli_init(self, cli: Group) -> None:

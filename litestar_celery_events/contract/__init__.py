@@ -1,2 +1,3 @@
 """What the web process and the worker agree on: the message envelope, event ids, payload types,
-periodic definitions and failure records. Imports nothing of the package but ``errors``."""
+periodic definitions, failure records and which listener parameters are injected rather than
+emitted. Imports nothing of the package but ``errors``."""

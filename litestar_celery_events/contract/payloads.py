@@ -192,8 +192,11 @@ class ListenerPayload:
         return tuple(new_args), new_kwargs
 
 
-def listener_payload(fn: Callable[..., Any], owner: str) -> ListenerPayload | None:
-    """The typed parameters of ``fn``, or ``None`` (the common case) when it has none."""
+def listener_payload(fn: Callable[..., Any], owner: str, skip: Iterable[str] = ()) -> ListenerPayload | None:
+    """The typed parameters of ``fn``, or ``None`` (the common case) when it has none.
+
+    ``skip``: parameters that are not emitted (injected by the worker): never checked or rebuilt.
+    """
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
@@ -204,6 +207,9 @@ def listener_payload(fn: Callable[..., Any], owner: str) -> ListenerPayload | No
     for param in params:
         positional = param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD)
         annotation = hints.get(param.name)
+        if param.name in skip:
+            position += positional
+            continue
         if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and _structured(
             annotation
         ):

@@ -8,12 +8,15 @@ from typing import TYPE_CHECKING
 
 from celery import signals
 from litestar import Litestar
+from litestar.exceptions import ImproperlyConfiguredException
 
 from litestar_celery_events.config import LITESTAR_APP_ENV
 from litestar_celery_events.emitter import CeleryEventEmitter, emitter_of
 from litestar_celery_events.runtime.beat import install_scheduling
+from litestar_celery_events.runtime.dependencies import prepare_injectors
 from litestar_celery_events.runtime.failures import record_failures_in
 from litestar_celery_events.runtime.hostile import record_refused_messages
+from litestar_celery_events.runtime.lifespan import install_worker_lifespan
 from litestar_celery_events.runtime.observability import install_worker_observability
 from litestar_celery_events.runtime.tasks import register_event_tasks
 from litestar_celery_events.stores.failed import failed_store_for
@@ -46,27 +49,30 @@ def create_worker_app(litestar_app: Litestar | str | None = None) -> Celery:
     app = litestar_app if isinstance(litestar_app, Litestar) else load_litestar_app(litestar_app)
     emitter = emitter_of(app)
     celery_app = emitter.celery_app
+    unresolved = sorted(set(emitter.registry.unresolved.values()))
+    if unresolved:
+        raise ImproperlyConfiguredException("; ".join(unresolved))
+    prepare_injectors(app, emitter.registry)  # a dependency a listener call cannot get fails here
     listener_scope = install_worker_observability(celery_app, emitter.config)
     register_event_tasks(celery_app, emitter.registry, emitter.config, listener_scope)
     install_scheduling(celery_app, emitter)
     record_failures_in(failed_store_for(emitter.config, celery_app))
     record_refused_messages(celery_app, emitter.config)
-    _start_emitter_in_workers(emitter)
+    install_worker_lifespan(celery_app, app, emitter)  # pool children, or the main process (solo, threads)
+    _start_emitter_in_main_process(emitter)
     celery_app.litestar_app = app
     return celery_app
 
 
-def _start_emitter_in_workers(emitter: CeleryEventEmitter) -> None:
-    """Listeners may emit too: run the emitter's publisher in each process that runs tasks."""
+def _start_emitter_in_main_process(emitter: CeleryEventEmitter) -> None:
+    """The main process publishes too (the worker lifespan starts the emitter where listeners run)."""
 
     def start(**_: object) -> None:
-        emitter.start()  # idempotent; in a forked child it starts afresh
+        emitter.start()  # idempotent
 
     def stop(**_: object) -> None:
         if emitter.running:
             emitter.stop()
 
-    signals.worker_process_init.connect(start, weak=False)
     signals.worker_ready.connect(start, weak=False)
-    signals.worker_process_shutdown.connect(stop, weak=False)
     signals.worker_shutdown.connect(stop, weak=False)

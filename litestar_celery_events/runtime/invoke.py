@@ -1,4 +1,8 @@
-"""Calling one listener: the original function, sync directly, async on the persistent loop."""
+"""Calling one listener: the original function, sync in the pool's thread, async on the process loop.
+
+A listener with injected parameters gets them resolved on the process loop, in a scope of its own
+per call (``runtime.dependencies``); its sync function still runs in the pool's thread.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
+from litestar_celery_events.runtime.dependencies import finish_call_scope, injector_for, new_call_scope
 from litestar_celery_events.runtime.event_loop import run_coroutine
 
 if TYPE_CHECKING:
@@ -37,6 +42,35 @@ def call_listener(
 def _call(spec: ListenerSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     if spec.payload is not None:
         args, kwargs = spec.payload.decode(args, kwargs)
-    result = run_coroutine(spec.fn(*args, **kwargs)) if spec.is_async else spec.fn(*args, **kwargs)
+    if spec.injection.names:
+        result = _call_injected(spec, args, kwargs)
+    else:
+        result = run_coroutine(spec.fn(*args, **kwargs)) if spec.is_async else spec.fn(*args, **kwargs)
     if result is not None:
         logger.debug("listener %s returned %r; listener return values are ignored", spec.name, result)
+
+
+def _call_injected(spec: ListenerSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    app, injector = injector_for(spec)
+    call_scope = new_call_scope(app, spec.name)
+    if spec.is_async:
+
+        async def run() -> Any:
+            values, cleanup = await injector.resolve(app, call_scope)
+            try:
+                result = await spec.fn(*args, **kwargs, **values)
+            except BaseException as exc:
+                await finish_call_scope(app, call_scope, cleanup, exc)
+                raise
+            await finish_call_scope(app, call_scope, cleanup, None)
+            return result
+
+        return run_coroutine(run())
+    values, cleanup = run_coroutine(injector.resolve(app, call_scope))
+    try:
+        result = spec.fn(*args, **kwargs, **values)
+    except BaseException as exc:
+        run_coroutine(finish_call_scope(app, call_scope, cleanup, exc))
+        raise
+    run_coroutine(finish_call_scope(app, call_scope, cleanup, None))
+    return result

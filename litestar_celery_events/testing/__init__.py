@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,9 +36,10 @@ from litestar_celery_events.contract.payloads import PayloadDecodeError
 from litestar_celery_events.emitter import CeleryEventEmitter, emitter_of
 from litestar_celery_events.errors import ListenerSignatureError
 from litestar_celery_events.publisher import Publisher
-from litestar_celery_events.runtime.event_loop import close_loop
+from litestar_celery_events.runtime.dependencies import prepare_injectors
 from litestar_celery_events.runtime.failures import ListenerFailure, failure_from_exception
 from litestar_celery_events.runtime.invoke import call_listener
+from litestar_celery_events.runtime.lifespan import WorkerLifespan
 
 if TYPE_CHECKING:
     from litestar import Litestar
@@ -186,19 +188,31 @@ class InlineEvents(EventRecorder):
     runs: list[ListenerRun] = field(default_factory=list)
     failures: list[ListenerFailure] = field(default_factory=list)
     _executor: ThreadPoolExecutor | None = field(default=None, repr=False)
-    _runner: threading.local = field(default_factory=threading.local, repr=False)
+    _pending: deque[Emission] | None = field(default=None, repr=False)
 
     def record(self, emission: Emission) -> None:
         super().record(emission)
-        if getattr(self._runner, "active", False) or self._executor is None:
-            self._run(emission)  # a listener that emits: run its event's listeners right here
+        pending = self._pending
+        if pending is not None:
+            # A listener emitted (maybe from the listener loop, which cannot wait for itself):
+            # its event's listeners run as soon as the current listener returns, as on a worker.
+            pending.append(emission)
+        elif self._executor is None:
+            self._drain(emission)
         else:
-            # Async listeners need a loop of their own: run on one runner thread and wait, so the
-            # listeners have run when ``emit`` returns (the caller may be on a running event loop).
-            self._executor.submit(self._run, emission).result()
+            # One runner thread, waited for, so the listeners have run when ``emit`` returns and
+            # sync listeners never run on the caller's event loop thread.
+            self._executor.submit(self._drain, emission).result()
+
+    def _drain(self, emission: Emission) -> None:
+        self._pending = pending = deque([emission])
+        try:
+            while pending:
+                self._run(pending.popleft())
+        finally:
+            self._pending = None
 
     def _run(self, emission: Emission) -> None:
-        self._runner.active = True
         args_json, kwargs_json, _ = kombu_loads(emission.body)  # exactly what a worker would get
         args, kwargs = tuple(args_json), dict(kwargs_json)
         specs = self.emitter.registry.by_event.get(emission.event_id, ())
@@ -308,21 +322,37 @@ def fake_events(app: Litestar) -> Iterator[EventRecorder]:
 
 
 @contextlib.contextmanager
-def inline_events(app: Litestar, *, raise_on_failure: bool = True) -> Iterator[InlineEvents]:
+def inline_events(
+    app: Litestar, *, raise_on_failure: bool = True, lifespan: bool | None = None
+) -> Iterator[InlineEvents]:
     """Run the app's listeners in this process when events are emitted: no broker, no worker.
 
     Each emission's listeners have run when ``emit`` returns, with the worker's rules: the JSON the
     worker would get (typed payloads rebuilt), retries per the listener's options (without waiting
-    out their delays), a failure recorded once retries are exhausted. With ``raise_on_failure``,
-    leaving the block raises ``ListenerFailedError`` if any listener failed for good.
+    out their delays), a failure recorded once retries are exhausted, dependencies injected per
+    call. With ``raise_on_failure``, leaving the block raises ``ListenerFailedError`` if any
+    listener failed for good.
+
+    ``lifespan``: enter the app's lifespan (and ``worker_on_startup``) for the listeners, on the
+    loop that runs async listeners, as a worker process does. By default it follows
+    ``worker_lifespan``, unless the app's lifespan already runs in this process when the block
+    starts (``TestClient(app)`` entered first): then listeners use what that start-up made.
     """
+    emitter = emitter_of(app)
+    if lifespan is None:
+        lifespan = emitter.config.worker_lifespan and not emitter.running
+    prepare_injectors(app, emitter.registry)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inline-events")
-    recorder = InlineEvents(emitter=emitter_of(app), _executor=executor)
+    recorder = InlineEvents(emitter=emitter, _executor=executor)
+    worker_lifespan = WorkerLifespan(app, emitter, run_app_lifespan=lifespan)
     try:
         with _swap_publisher(recorder):
-            yield recorder
+            worker_lifespan.start()
+            try:
+                yield recorder
+            finally:
+                worker_lifespan.stop()
         if raise_on_failure:
             recorder.assert_no_failures()
     finally:
-        executor.submit(close_loop).result()
         executor.shutdown(wait=True)
