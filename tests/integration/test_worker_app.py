@@ -40,6 +40,10 @@ ROWS = {
 TIMES = 4
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 ORDERS_TABLE = "CREATE TABLE orders (id integer PRIMARY KEY, total double precision NOT NULL)"
+PG_ORDERS_TABLE = (  # checked at COMMIT, not at INSERT: the case where only the commit can fail
+    "CREATE TABLE orders (id integer NOT NULL, total double precision NOT NULL,"
+    " CONSTRAINT one_row_per_order UNIQUE (id) DEFERRABLE INITIALLY DEFERRED)"
+)
 
 
 @pytest.fixture
@@ -81,7 +85,7 @@ def postgres_database() -> Iterator[str]:
 
 @pytest.fixture
 def postgres_url(postgres_database: str) -> str:
-    asyncio.run(_pg(postgres_database, "DROP TABLE IF EXISTS orders", ORDERS_TABLE))
+    asyncio.run(_pg(postgres_database, "DROP TABLE IF EXISTS orders", PG_ORDERS_TABLE))
     return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{postgres_database}"
 
 
@@ -149,7 +153,7 @@ def test_listeners_use_what_the_apps_start_up_made_and_shutdown_runs_at_sigterm(
         assert _pids(records, name) == started, (name, log)
 
 
-def test_db_session_on_postgresql_commits_each_listener_call_and_rolls_back_a_failed_one(
+def test_db_session_on_postgresql_commits_each_call_rolls_back_a_failed_one_and_fails_a_failed_commit(
     env: Callable[..., dict[str, str]], postgres_url: str, postgres_database: str, tmp_path: Path
 ) -> None:
     values = env(DB_URL=postgres_url)
@@ -158,10 +162,15 @@ def test_db_session_on_postgresql_commits_each_listener_call_and_rolls_back_a_fa
     with celery_worker(values, tmp_path / "worker.log", queues=values["TEST_QUEUE"]) as worker:
         _emit_all(calls)
         wait_for(lambda: len(runs_of(records, "save_order")) >= TIMES, timeout=60, what="4 committed orders")
-        wait_for(lambda: "failed for good" in worker.output(), timeout=30, what="the refused order's final failure")
+        wait_for(lambda: worker.output().count("failed for good") >= 1, timeout=30, what="the refused order")
+        _emit_all([("order_placed", {"order_id": 2, "amount": 5.0})])  # a second row for order 2: COMMIT fails
+        wait_for(lambda: worker.output().count("failed for good") >= 2, timeout=30, what="the failed commit")
     (rows,) = asyncio.run(_pg(postgres_database, "SELECT id, total FROM orders ORDER BY id"))
     assert [(row["id"], row["total"]) for row in rows] == [(i, 120.0) for i in range(1, 5)]
-    assert "negative order ids are refused" in worker.output()
+    log = worker.output()
+    assert "negative order ids are refused" in log
+    failures = [line for line in log.splitlines() if "failed for good" in line]
+    assert any("one_row_per_order" in line and "after 2 attempt(s)" in line for line in failures), failures
 
 
 @pytest.mark.parametrize("pool", list(POOLS))
