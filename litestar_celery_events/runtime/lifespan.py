@@ -45,6 +45,13 @@ __all__ = ("WorkerLifespan", "call_lifespan_hook", "install_worker_lifespan")
 
 logger = logging.getLogger("litestar_celery_events.worker")
 
+CELERY_PROC_ALIVE_TIMEOUT_S = 4.0
+"""Celery's default ``worker_proc_alive_timeout``: a prefork child not up by then is SIGKILLed."""
+CHILD_STARTUP_TIMEOUT_S = 60.0
+"""What it becomes when the app's lifespan runs in the children (unless set to something else):
+an app's start-up (connecting, warming caches) may take longer than 4 s, and a child killed for
+it would be replaced by another killed child, forever."""
+
 
 async def call_lifespan_hook(hook: LifespanHook, app: Litestar) -> None:
     """Call ``hook`` as Litestar calls ``on_startup`` hooks: with the app if it takes an argument."""
@@ -156,6 +163,8 @@ def install_worker_lifespan(celery_app: Celery, app: Litestar, emitter: CeleryEv
     """Connect the lifespan to ``celery_app``'s worker signals (``celery -A worker worker`` only)."""
     lifespan = WorkerLifespan(app, emitter)
     processes = _Processes()
+    if float(celery_app.conf.worker_proc_alive_timeout) == CELERY_PROC_ALIVE_TIMEOUT_S:
+        celery_app.conf.worker_proc_alive_timeout = CHILD_STARTUP_TIMEOUT_S
     default_pool = celery_app.conf.worker_pool
 
     def on_worker_init(sender: Any = None, **_: Any) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -63,6 +64,7 @@ def set_up_clients(app: Litestar) -> None:
     global mailer
     if os.environ.get("FAIL_STARTUP"):
         raise RuntimeError("cannot reach the billing API at start-up")
+    time.sleep(float(os.environ.get("STARTUP_DELAY_S", "0")))  # a slow start-up: connecting, warming caches
     mailer = Mailer()
     app.state.some_client = Mailer()
     record("startup", pid=os.getpid())

@@ -191,6 +191,18 @@ def test_a_start_up_that_raises_stops_the_worker_with_the_error(
     assert not runs_of(Path(values["RECORD_FILE"]), "worker_startup")
 
 
+def test_a_start_up_longer_than_celerys_4s_child_timeout_is_waited_for(
+    env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    values = env(STARTUP_DELAY_S="5")
+    records = Path(values["RECORD_FILE"])
+    with celery_worker(values, tmp_path / "worker.log", queues=values["TEST_QUEUE"]) as worker:
+        _emit_all([("uses_module_global", {"to": f"user{i}@example.com"}) for i in range(TIMES)])
+        wait_for(lambda: len(runs_of(records, "uses_module_global")) >= TIMES, timeout=60, what="4 runs")
+    assert len(_pids(records, "startup")) == 2, worker.output()  # never killed and replaced
+    assert "Timed out waiting for UP message" not in worker.output()
+
+
 def test_the_opt_out_runs_only_the_workers_own_hooks(env: Callable[..., dict[str, str]], tmp_path: Path) -> None:
     values = env(WORKER_LIFESPAN="0")
     records = Path(values["RECORD_FILE"])
