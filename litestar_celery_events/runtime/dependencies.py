@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from litestar import Litestar
+    from litestar.datastructures import State
     from litestar.di import Provide
 
     from litestar_celery_events.listeners import ListenerRegistry, ListenerSpec
@@ -131,9 +132,11 @@ class ListenerInjector:
                 defaults[name] = inspect.signature(spec.fn).parameters[name].default.default
         return cls(spec.name, tuple(steps), tuple(sorted(spec.injection.names)), defaults)
 
-    async def resolve(self, app: Litestar, scope: dict[str, Any]) -> tuple[dict[str, Any], DependencyCleanupGroup]:
+    async def resolve(
+        self, app: Litestar, state: State, scope: dict[str, Any]
+    ) -> tuple[dict[str, Any], DependencyCleanupGroup]:
         """The listener's injected values, and the generators to clean up after the call."""
-        values: dict[str, Any] = {"app": app, "state": app.state, "scope": scope, **self.defaults}
+        values: dict[str, Any] = {"app": app, "state": state, "scope": scope, **self.defaults}
         cleanup = DependencyCleanupGroup()
         try:
             for step in self.steps:
@@ -212,22 +215,34 @@ async def finish_call_scope(
                 raise
 
 
-_injectors: dict[int, tuple[ListenerSpec, Litestar, ListenerInjector]] = {}
-"""``id(spec) -> (spec, its app, its plan)``; the spec is kept so its id is never reused."""
+@dataclass(frozen=True)
+class _Prepared:
+    spec: ListenerSpec  # kept so that its id is never reused
+    app: Litestar
+    state: State | None
+    injector: ListenerInjector
 
 
-def prepare_injectors(app: Litestar, registry: ListenerRegistry) -> dict[str, ListenerInjector]:
-    """Build every listener's plan now (errors stop the worker at start-up) and keep them for calls."""
+_prepared: dict[int, _Prepared] = {}
+
+
+def prepare_injectors(
+    app: Litestar, registry: ListenerRegistry, state: State | None = None
+) -> dict[str, ListenerInjector]:
+    """Build every listener's plan now (errors stop the worker at start-up) and keep them for calls.
+
+    ``state``: what listeners get as ``state`` (default: ``app.state`` at each call).
+    """
     built: dict[str, ListenerInjector] = {}
     for spec in registry.by_name.values():
         if spec.injection.names or spec.injection.unprovided:
             built[spec.name] = injector = ListenerInjector.build(spec, app)
-            _injectors[id(spec)] = (spec, app, injector)
+            _prepared[id(spec)] = _Prepared(spec, app, state, injector)
     return built
 
 
-def injector_for(spec: ListenerSpec) -> tuple[Litestar, ListenerInjector]:
-    found = _injectors.get(id(spec))
+def injector_for(spec: ListenerSpec) -> tuple[Litestar, State, ListenerInjector]:
+    found = _prepared.get(id(spec))
     if found is None:
         raise RuntimeError(f"listener {spec.name} has injected parameters but this process loaded no Litestar app")
-    return found[1], found[2]
+    return found.app, found.app.state if found.state is None else found.state, found.injector

@@ -51,12 +51,12 @@ def _call(spec: ListenerSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 
 
 def _call_injected(spec: ListenerSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    app, injector = injector_for(spec)
+    app, state, injector = injector_for(spec)
     call_scope = new_call_scope(app, spec.name)
     if spec.is_async:
 
         async def run() -> Any:
-            values, cleanup = await injector.resolve(app, call_scope)
+            values, cleanup = await injector.resolve(app, state, call_scope)
             try:
                 result = await spec.fn(*args, **kwargs, **values)
             except BaseException as exc:
@@ -66,7 +66,7 @@ def _call_injected(spec: ListenerSpec, args: tuple[Any, ...], kwargs: dict[str, 
             return result
 
         return run_coroutine(run())
-    values, cleanup = run_coroutine(injector.resolve(app, call_scope))
+    values, cleanup = run_coroutine(injector.resolve(app, state, call_scope))
     try:
         result = spec.fn(*args, **kwargs, **values)
     except BaseException as exc:

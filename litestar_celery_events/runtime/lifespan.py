@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import threading
-from contextlib import AsyncExitStack, suppress
+from contextlib import AsyncExitStack, contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps, signals
@@ -35,8 +35,11 @@ from celery.worker import state as worker_state
 from litestar_celery_events.runtime.event_loop import close_loop, process_loop
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from celery import Celery
     from litestar import Litestar
+    from litestar.datastructures import State
     from litestar.types import LifespanHook
 
     from litestar_celery_events.emitter import CeleryEventEmitter
@@ -67,11 +70,19 @@ class WorkerLifespan:
     that opens a task group or a cancel scope exits in the task that entered it.
     """
 
-    def __init__(self, app: Litestar, emitter: CeleryEventEmitter, run_app_lifespan: bool | None = None) -> None:
+    def __init__(
+        self,
+        app: Litestar,
+        emitter: CeleryEventEmitter,
+        run_app_lifespan: bool | None = None,
+        state: State | None = None,
+    ) -> None:
         self.app = app
         self.emitter = emitter
         self.config = emitter.config
         self.run_app_lifespan = self.config.worker_lifespan if run_app_lifespan is None else run_app_lifespan
+        self.state = state
+        """A state of the listeners' own (``inline_events``: the test's web side keeps ``app.state``)."""
         self._task: concurrent.futures.Future[None] | None = None
         self._stop: asyncio.Event | None = None
 
@@ -92,15 +103,40 @@ class WorkerLifespan:
 
     async def _hold(self, started: concurrent.futures.Future[None]) -> None:
         self._stop = asyncio.Event()
-        async with AsyncExitStack() as stack:
-            if self.run_app_lifespan:
-                await stack.enter_async_context(self.app.lifespan())
-            for hook in reversed(self.config.worker_on_shutdown):
-                stack.push_async_callback(call_lifespan_hook, hook, self.app)
-            for hook in self.config.worker_on_startup:
-                await call_lifespan_hook(hook, self.app)
-            started.set_result(None)
+        stack = AsyncExitStack()
+        with self._own_state():
+            try:
+                if self.run_app_lifespan:
+                    await stack.enter_async_context(self.app.lifespan())
+                for hook in reversed(self.config.worker_on_shutdown):
+                    stack.push_async_callback(call_lifespan_hook, hook, self.app)
+                for hook in self.config.worker_on_startup:
+                    await call_lifespan_hook(hook, self.app)
+            except BaseException:
+                await stack.aclose()
+                raise
+        if self.state is not None:  # what start-up added, also for code that reads app.state directly
+            for key, value in self.state.items():
+                if key not in self.app.state:
+                    self.app.state[key] = value
+        started.set_result(None)
+        try:
             await self._stop.wait()
+        finally:
+            with self._own_state():
+                await stack.aclose()
+
+    @contextmanager
+    def _own_state(self) -> Iterator[None]:
+        """While the lifespan starts or stops, ``app.state`` is the listeners' own state, if they have one."""
+        if self.state is None:
+            yield
+            return
+        web_state, self.app.state = self.app.state, self.state
+        try:
+            yield
+        finally:
+            self.app.state = web_state
 
     def stop(self) -> None:
         """Run the shutdown side within ``worker_shutdown_timeout_s``; errors are logged, never raised."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kombu.utils.json import loads as kombu_loads
+from litestar.datastructures import State
 
 from litestar_celery_events.contract.payloads import PayloadDecodeError
 from litestar_celery_events.emitter import CeleryEventEmitter, emitter_of
@@ -333,18 +334,21 @@ def inline_events(
     call. With ``raise_on_failure``, leaving the block raises ``ListenerFailedError`` if any
     listener failed for good.
 
-    ``lifespan``: enter the app's lifespan (and ``worker_on_startup``) for the listeners, on the
-    loop that runs async listeners, as a worker process does. By default it follows
-    ``worker_lifespan``, unless the app's lifespan already runs in this process when the block
-    starts (``TestClient(app)`` entered first): then listeners use what that start-up made.
+    ``lifespan`` (default: the config's ``worker_lifespan``): start the app for the listeners as a
+    worker process does: its lifespan and ``worker_on_startup``, on the loop that runs async
+    listeners, into a ``State`` of the listeners' own (injected as ``state``, and what
+    advanced-alchemy's ``db_session`` comes from), so a ``TestClient(app)`` in the same test keeps
+    its own loop-bound resources in ``app.state`` whichever block is entered first. Keys the
+    listeners' start-up adds that ``app.state`` lacks are copied there too; module globals are shared.
     """
     emitter = emitter_of(app)
     if lifespan is None:
-        lifespan = emitter.config.worker_lifespan and not emitter.running
-    prepare_injectors(app, emitter.registry)
+        lifespan = emitter.config.worker_lifespan
+    listener_state = State(dict(app.state.items())) if lifespan else None  # a dict of its own
+    prepare_injectors(app, emitter.registry, listener_state)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inline-events")
     recorder = InlineEvents(emitter=emitter, _executor=executor)
-    worker_lifespan = WorkerLifespan(app, emitter, run_app_lifespan=lifespan)
+    worker_lifespan = WorkerLifespan(app, emitter, run_app_lifespan=lifespan, state=listener_state)
     try:
         with _swap_publisher(recorder):
             worker_lifespan.start()

@@ -210,3 +210,21 @@ def test_the_opt_out_runs_only_the_workers_own_hooks(env: Callable[..., dict[str
         wait_for(lambda: runs_of(records, "worker_startup"), what="the worker's own start-up hook")
     assert not runs_of(records, "startup")
     assert len(runs_of(records, "worker_shutdown")) == 1
+
+
+def test_inline_events_inside_a_test_client_on_postgresql_use_the_listeners_own_session_maker(
+    env: Callable[..., dict[str, str]], postgres_url: str, postgres_database: str
+) -> None:
+    """advanced-alchemy keeps one engine per config object: the README says to enter the client first."""
+    from litestar.testing import TestClient
+
+    from litestar_celery_events.testing import inline_events
+
+    env(DB_URL=postgres_url)
+    app = create_app()
+    with TestClient(app), inline_events(app) as events:
+        for order_id in (1, 2, 3):
+            app.emit("order_placed", order_id=order_id, amount=10.0)
+    events.assert_ran("save_order", times=3)
+    (rows,) = asyncio.run(_pg(postgres_database, "SELECT id FROM orders ORDER BY id"))
+    assert [row["id"] for row in rows] == [1, 2, 3]

@@ -209,3 +209,38 @@ def test_a_coroutine_that_outlives_its_timeout_is_cancelled_on_the_loop() -> Non
     with pytest.raises(TimeoutError):
         run_coroutine(slow(), timeout_s=0.05)
     assert cancelled.wait(2)
+
+
+@pytest.mark.parametrize("client_first", [True, False], ids=["test client first", "inline events first"])
+def test_inline_listeners_and_a_test_client_each_get_the_resources_of_their_own_loop(client_first: bool) -> None:
+    from contextlib import ExitStack, asynccontextmanager
+
+    from litestar import get
+    from litestar.testing import TestClient
+
+    @asynccontextmanager
+    async def pool_lifespan(app: Litestar) -> AsyncIterator[None]:
+        app.state.pool_loop = asyncio.get_running_loop()  # stands for an asyncpg pool
+        yield
+
+    checks: list[bool] = []
+
+    @listener("ping")
+    async def on_ping(state: State) -> None:
+        checks.append(state.pool_loop is asyncio.get_running_loop())
+
+    @get("/ping")
+    async def ping(request: Request[Any, Any, Any]) -> None:
+        checks.append(request.app.state.pool_loop is asyncio.get_running_loop())
+        request.app.emit("ping")
+
+    app = Litestar(route_handlers=[ping], listeners=[on_ping], lifespan=[pool_lifespan], plugins=[CeleryEventsPlugin()])
+    with ExitStack() as stack:
+        if client_first:
+            client = stack.enter_context(TestClient(app))
+            stack.enter_context(inline_events(app))
+        else:
+            stack.enter_context(inline_events(app))
+            client = stack.enter_context(TestClient(app))
+        assert client.get("/ping").status_code == 200
+    assert checks == [True, True]
