@@ -48,6 +48,8 @@ __all__ = ("WorkerLifespan", "call_lifespan_hook", "install_worker_lifespan")
 
 logger = logging.getLogger("litestar_celery_events.worker")
 
+CANCEL_GRACE_S = 1.0
+"""After the shutdown timeout: how long the cancelled rest of the shutdown may take to unwind."""
 CELERY_PROC_ALIVE_TIMEOUT_S = 4.0
 """Celery's default ``worker_proc_alive_timeout``: a prefork child not up by then is SIGKILLed."""
 CHILD_STARTUP_TIMEOUT_S = 60.0
@@ -148,7 +150,8 @@ class WorkerLifespan:
             try:
                 task.result(timeout_s)
             except concurrent.futures.TimeoutError:
-                task.cancel()
+                task.cancel()  # the rest of the shutdown runs with CancelledError: let it unwind first
+                concurrent.futures.wait([task], timeout=CANCEL_GRACE_S)
                 logger.error("the app's shutdown did not finish within %.1fs (worker_shutdown_timeout_s)", timeout_s)
             except Exception:
                 logger.exception("the app's shutdown failed in worker process %d", os.getpid())

@@ -244,3 +244,41 @@ def test_inline_listeners_and_a_test_client_each_get_the_resources_of_their_own_
             client = stack.enter_context(TestClient(app))
         assert client.get("/ping").status_code == 200
     assert checks == [True, True]
+
+
+def test_a_shutdown_that_hangs_is_abandoned_after_the_timeout_and_one_that_raises_is_logged() -> None:
+    import logging
+    import time
+
+    from litestar_celery_events.emitter import emitter_of
+    from litestar_celery_events.runtime.lifespan import WorkerLifespan
+
+    async def hang() -> None:
+        await asyncio.sleep(30)
+
+    def fail() -> None:
+        raise RuntimeError("could not flush the metrics client")
+
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(f"{record.getMessage()} {record.exc_info!r}")
+
+    handler = Collect()
+    for name in ("litestar_celery_events.worker", "asyncio"):
+        logging.getLogger(name).addHandler(handler)
+    try:
+        for hook, expected in ((hang, "did not finish within 0.2s"), (fail, "could not flush the metrics client")):
+            messages.clear()
+            app = _app(worker_on_shutdown=[hook], worker_shutdown_timeout_s=0.2)
+            lifespan = WorkerLifespan(app, emitter_of(app))
+            lifespan.start()
+            started = time.monotonic()
+            lifespan.stop()  # never raises
+            assert time.monotonic() - started < 5
+            assert any(expected in message for message in messages), messages
+            assert not any("asynchronous generator" in message for message in messages), messages
+    finally:
+        for name in ("litestar_celery_events.worker", "asyncio"):
+            logging.getLogger(name).removeHandler(handler)
