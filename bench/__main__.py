@@ -33,6 +33,7 @@ STEPS = (
     "memory",
     "scheduling",
     "amqp_delayed",
+    "outbox",
 )
 
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "reps": reps,
         "errors": {},
     }
-    from bench import e2e, inprocess, memory, request_path
+    from bench import e2e, inprocess, memory, outbox, request_path
 
     with RedisServer() as redis:
         results["versions"] = versions(redis)
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             "memory": memory.run_memory,
             "scheduling": lambda: _own_process("scheduling", 420),
             "amqp_delayed": lambda: _own_process("amqp_delayed", 600)["amqp_delayed"],
+            # Its own Redis and PostgreSQL database (the docs' handler on advanced-alchemy).
+            "outbox": lambda: outbox.run_outbox(n=2_000 if not args.quick else 500),
         }
         web = [s for s in ("request_path", "stall") if s in steps]
         for step in steps:

@@ -228,6 +228,7 @@ def _targets(r: dict[str, Any]) -> list[str]:  # noqa: PLR0915 - one row per tar
         due = sched.get("due_to_start_ms") or {}
         row("… due → start latency p50 / p99", f"{_num(due.get('median'), 1)} / {_num(due.get('p99'), 1)} ms", "", "")
     _amqp_delayed_rows(r.get("amqp_delayed"), row)
+    _outbox_rows(r.get("outbox"), row)
     return rows
 
 
@@ -274,6 +275,64 @@ def _amqp_delayed_rows(a: dict[str, Any] | None, row: Any) -> None:
             "",
             "",
         )
+
+
+def _outbox_rows(ob: dict[str, Any] | None, row: Any) -> None:
+    """The docs' handler on advanced-alchemy with autocommit: plain emit against the outbox, one run."""
+    if not ob or "outbox" not in ob or "plain_emit" not in ob:
+        return
+    plain, outbox = ob["plain_emit"], ob["outbox"]
+    missing = outbox["runs_missing_their_row"]
+    row(
+        f"Listener runs missing their row ({_num(outbox['requests'])} requests), outbox / plain emit",
+        f"{_num(missing)} / {_num(plain['runs_missing_their_row'])}",
+        "0 with the outbox",
+        _met(missing, 0, higher_is_better=False),
+    )
+    ghosts = outbox["events_delivered_for_rolled_back"]
+    row(
+        f"Events delivered for rolled-back requests ({_num(outbox['rolled_back_requests'])}), outbox / plain",
+        f"{_num(ghosts)} / {_num(plain['events_delivered_for_rolled_back'])}",
+        "0",
+        _met(ghosts, 0, higher_is_better=False),
+    )
+    lat, base = outbox["commit_to_listener_ms"], plain["commit_to_listener_ms"]
+    row(
+        "Commit → listener start p50 / p99, outbox (plain emit)",
+        f"{_num(lat['p50'], 1)} / {_num(lat['p99'], 1)} ms ({_num(base['p50'], 1)} / {_num(base['p99'], 1)} ms)",
+        "p50 within 2 ms",
+        _met(ob.get("p50_added_ms"), 2.0, higher_is_better=False),
+    )
+    probe = ob.get("publish_after_commit_ms") or {}
+    if probe:
+        row(
+            "… the web side's share: event at the broker - commit, p50 / p99, outbox (plain emit)",
+            f"{_num(probe['outbox']['p50'], 2)} / {_num(probe['outbox']['p99'], 2)} ms "
+            f"({_num(probe['plain_emit']['p50'], 2)} / {_num(probe['plain_emit']['p99'], 2)} ms)",
+            "",
+            "",
+        )
+    row(
+        "Docs' handler req/s with the outbox ÷ without",
+        f"{_num(ob.get('throughput_ratio'))}x "
+        f"({_num(outbox['requests_per_s'], 0)} / {_num(plain['requests_per_s'], 0)} req/s)",
+        "≥ 0.9x",
+        _met(ob.get("throughput_ratio"), 0.9),
+    )
+    cpu = ob.get("cpu_throughput_ratio") or {}
+    row(
+        "… same, by the web process's CPU time per request (sequential / concurrent)",
+        f"{_num(cpu.get('sequential'))}x / {_num(cpu.get('concurrent'))}x",
+        "(noise-robust)",
+        "",
+    )
+    relay = ob.get("relay") or {}
+    row(
+        f"Outbox relay, one process, PostgreSQL ({_num(relay.get('rows'))} rows)",
+        f"{_num(relay.get('rows_per_s'), 0)} rows/s ({_num(relay.get('rows_per_cpu_s'), 0)} per CPU-second)",
+        "≥ 10,000/s",
+        _met(relay.get("rows_per_s"), 10_000),
+    )
 
 
 def _details(r: dict[str, Any]) -> list[str]:

@@ -17,6 +17,7 @@ from litestar_celery_events.errors import (
     EventBufferFullError,
     EventPayloadError,
     ListenerSignatureError,
+    OutboxConfigError,
     PayloadTooLargeError,
     PluginNotInstalledError,
 )
@@ -25,6 +26,7 @@ from litestar_celery_events.plugin import CeleryEventsPlugin
 from litestar_celery_events.scheduling import ScheduleError, cancel_scheduled, emit_later
 
 if TYPE_CHECKING:
+    from litestar_celery_events.outbox import SQLAlchemyOutbox
     from litestar_celery_events.runtime.app import create_worker_app, load_litestar_app
 
 __all__ = (
@@ -37,11 +39,13 @@ __all__ = (
     "EventDeclaration",
     "EventPayloadError",
     "ListenerSignatureError",
+    "OutboxConfigError",
     "PayloadTooLargeError",
     "PayloadValidationError",
     "PeriodicEvent",
     "PluginNotInstalledError",
     "RetryPolicy",
+    "SQLAlchemyOutbox",
     "ScheduleError",
     "cancel_scheduled",
     "create_worker_app",
@@ -59,4 +63,8 @@ def __getattr__(name: str) -> Any:
         from litestar_celery_events.runtime import app  # the worker runtime, loaded on first use only
 
         return getattr(app, name)
+    if name == "SQLAlchemyOutbox":  # needs the optional SQLAlchemy extra: imported when asked for
+        from litestar_celery_events.outbox import SQLAlchemyOutbox
+
+        return SQLAlchemyOutbox
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from litestar_celery_events.brokers import embedded_broker_url
 from litestar_celery_events.contract.events import event_task_name, listener_task_name
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from celery import Celery
     from litestar.types import LifespanHook
 
+    from litestar_celery_events.contract.message import Emission
     from litestar_celery_events.contract.payloads import EventDeclaration
     from litestar_celery_events.contract.periodic import PeriodicEvent
 
@@ -40,6 +41,28 @@ DEFAULT_MAX_PAYLOAD_BYTES = 1_000_000
 DEFAULT_MAX_SPOOLED_EVENTS = 1_000_000
 DEFAULT_PUBLISH_BATCH_BYTES = 4_000_000
 DEFAULT_WORKER_SHUTDOWN_TIMEOUT_S = 10.0
+DEFAULT_OUTBOX_RELAY_AFTER_S = 30.0
+DEFAULT_LEDGER_RETENTION_S = 7 * 24 * 3600.0
+
+
+class Outbox(Protocol):
+    """What ``CeleryEventsConfig.outbox`` takes: ``SQLAlchemyOutbox`` (``litestar_celery_events.outbox``)."""
+
+    def attach(
+        self,
+        config: CeleryEventsConfig,
+        submit: Callable[[Emission], None],
+        open_transport: Callable[[], Any],
+        on_refused: Callable[[Emission, str], None],
+    ) -> Any:
+        """The outbox of one emitter: ``submit`` hands an emission to its publisher, the relay publishes
+        through ``open_transport()`` and hands a message the broker refuses to ``on_refused``."""
+
+
+def _require_positive(config: object, *names: str) -> None:
+    for name in names:
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be positive")
 
 
 @dataclass(frozen=True)
@@ -152,6 +175,19 @@ class CeleryEventsConfig:
     failed_store_url: str | None = None
     """Where failed events are recorded: a ``redis://`` URL or ``sqlite:///path``. Default: the
     broker's Redis when the broker is Redis, else ``data_dir/failed.sqlite3`` (one machine)."""
+    outbox: Outbox | None = None
+    """``SQLAlchemyOutbox(<advanced-alchemy config>)``: ``emit`` inside a request (or ``outbox.bind(session)``)
+    whose session has a transaction open is published only if that transaction commits, and survives a
+    crash between commit and publish (outbox rows written in the same transaction)."""
+    outbox_relay_after_s: float = DEFAULT_OUTBOX_RELAY_AFTER_S
+    """Lease of an outbox row: a row its process has not published (nor renewed) for this long is taken
+    over and published by any live process of the app (web process or worker)."""
+    listener_ledger: bool | None = None
+    """Runs once: workers record each listener that completed for an emission and skip it if the emission
+    comes again (a relay racing the publish, a redelivery). ``None``: on with an ``outbox``. Kept in the
+    broker's Redis, else in the outbox database."""
+    listener_ledger_retention_s: float = DEFAULT_LEDGER_RETENTION_S
+    """How long a completed run is remembered; a duplicate arriving later runs the listener again."""
 
     def __post_init__(self) -> None:
         if not self.task_name_prefix or any(c.isspace() for c in self.task_name_prefix):
@@ -182,6 +218,7 @@ class CeleryEventsConfig:
             raise ValueError("spool_full_policy must be 'raise' or 'drop_oldest'")
         if self.worker_shutdown_timeout_s < 0:
             raise ValueError("worker_shutdown_timeout_s must not be negative")
+        _require_positive(self, "outbox_relay_after_s", "listener_ledger_retention_s")
         if self.spool_after_events < 0 or self.max_spooled_events < 1:
             raise ValueError("spool_after_events must be >= 0 and max_spooled_events >= 1")
 

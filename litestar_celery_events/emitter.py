@@ -21,6 +21,7 @@ from litestar_celery_events.errors import EmitterNotRunningError, ListenerSignat
 from litestar_celery_events.listeners import ListenerRegistry
 from litestar_celery_events.publisher import Publisher
 from litestar_celery_events.tracing import emission_tracer
+from litestar_celery_events.transports import transport_for
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from celery import Celery
     from litestar import Litestar
     from litestar.events import EventListener
+
+    from litestar_celery_events.outbox import TransactionalOutbox
+    from litestar_celery_events.transports import Transport
 
 __all__ = ("CeleryEventEmitter", "emitter_of")
 
@@ -56,6 +60,13 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
         self._check_route = self.publisher.route.check
         self._running = False
         self._trace: Callable[[Emission], None] | None = emission_tracer()  # None without opentelemetry
+        # With an outbox, an emission made inside an open transaction waits for its commit.
+        self.outbox: TransactionalOutbox | None = None
+        if self.config.outbox is not None:
+            self.outbox = self.config.outbox.attach(
+                self.config, self.publisher.submit, self._open_transport, self.record_refused
+            )
+            self.publisher.on_published = self.outbox.relay.published
 
     @classmethod
     def bound_to(
@@ -93,7 +104,7 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
 
     def emit(self, event_id: str, *args: Any, **kwargs: Any) -> None:
         """Litestar's ``emit``: enqueue ``event_id`` for its listeners (``app.emit`` calls this)."""
-        self.publisher.submit(self.prepare(event_id, args, kwargs))
+        self.submit(self.prepare(event_id, args, kwargs))
 
     def enqueue(self, event_id: str, *args: Any, **kwargs: Any) -> str:
         """Like ``emit``, and return the emission id (also the Celery task id)."""
@@ -136,6 +147,10 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
                     options[self.config.listener_task_name(event_id, spec.name)] = own
         return options
 
+    def _open_transport(self) -> Transport:
+        """A transport like the publisher's (same broker, routing and task options), for the outbox relay."""
+        return transport_for(self.celery_app, self.task_options())
+
     def record_refused(self, emission: Emission, reason: str) -> None:
         """An emission the broker never takes (too big): one failed-events record per listener it was for."""
         from litestar_celery_events.contract.failures import ListenerFailure
@@ -175,7 +190,9 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
             store.close()
 
     def submit(self, emission: Emission) -> str:
-        self.publisher.submit(emission)
+        outbox = self.outbox
+        if outbox is None or not outbox.hold(emission):
+            self.publisher.submit(emission)
         return emission.emission_id
 
 

@@ -7,6 +7,7 @@ __all__ = (
     "EventBufferFullError",
     "EventPayloadError",
     "ListenerSignatureError",
+    "OutboxConfigError",
     "PayloadTooLargeError",
     "PluginNotInstalledError",
 )
@@ -37,3 +38,7 @@ class PluginNotInstalledError(TypeError):
 
     def __init__(self) -> None:
         super().__init__("this Litestar app has no CeleryEventsPlugin: add plugins=[CeleryEventsPlugin(config)]")
+
+
+class OutboxConfigError(RuntimeError):
+    """The transactional outbox cannot work as configured (raised at start-up, naming the fix)."""

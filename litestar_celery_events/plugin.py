@@ -28,6 +28,12 @@ class CeleryEventsPlugin(InitPluginProtocol, CLIPluginProtocol):
         # Litestar instantiates the backend with only ``listeners=``: the config rides on a subclass.
         # The dependencies dict is the one later plugins (advanced-alchemy's db_session) add to.
         app_config.event_emitter_backend = CeleryEventEmitter.bound_to(self.config, app_config.dependencies)
+        if self.config.outbox is not None:
+            from litestar_celery_events.outbox import remember_request_scope, start_outbox, stop_outbox
+
+            app_config.middleware.insert(0, remember_request_scope)
+            app_config.on_startup.append(start_outbox)
+            app_config.on_shutdown.append(stop_outbox)
         return app_config
 
     def on_cli_init(self, cli: Group) -> None:

@@ -89,6 +89,7 @@ class Publisher:
         self._watched: list[Emission] | None = None
         self._watched_since = 0.0
         self._spooled_in_flight: set[str] = set()
+        self.on_published: Callable[[list[Emission]], None] | None = None  # the outbox's: deletes their rows
 
     @property
     def pending(self) -> int:
@@ -261,6 +262,7 @@ class Publisher:
             except Exception as exc:  # noqa: BLE001 - any broker error: keep the events, retry later
                 refused = self._after_failure(batch, done[0], exc)
                 self._buffer.extendleft(reversed(batch[done[0] + len(refused) :]))
+                self._report_published(batch[: done[0] + len(refused)])
                 self.published += done[0]
                 self._in_flight = []
                 if refused:
@@ -273,6 +275,7 @@ class Publisher:
             if failures:
                 logger.warning("publishing to %s again after %d failed attempt(s)", self._broker, failures)
                 failures = 0
+            self._report_published(batch)
             self.published += len(batch)
             self._in_flight = []
             self._drop_spooled_copies(spool)
@@ -284,6 +287,11 @@ class Publisher:
                 rest = started + interval - time.monotonic()
                 if rest > 0:
                     time.sleep(rest)
+
+    def _report_published(self, batch: list[Emission]) -> None:
+        """Sent, or refused and recorded as failed: either way the outbox's rows of ``batch`` are done."""
+        if self.on_published is not None and batch:
+            self.on_published(batch)  # set operations only: never raises, never blocks
 
     def _back_off(self, exc: Exception, failures: int, waiting: str) -> None:
         """After a failed publish: drop the connection, log now and then, wait (exponential, capped)."""
@@ -340,6 +348,7 @@ class Publisher:
             gone = done[0] + len(refused)
             if gone:
                 spool.published(source, rows[gone - 1][0])
+                self._report_published(batch[:gone])
                 self.published += done[0]
             if refused:
                 return failures
@@ -348,6 +357,7 @@ class Publisher:
             return failures
         self._batches.after_success()
         spool.published(source, rows[-1][0])
+        self._report_published(batch)
         self.published += len(batch)
         if failures:
             logger.warning(

@@ -68,6 +68,7 @@ def status_of(app: Litestar) -> dict[str, Any]:
         "spooled_events": spool_depth(config),
         "failed_events": _failed_summary(emitter),
         "scheduling": scheduling_status(emitter, STATUS_TIMEOUT_S),
+        "outbox": _outbox_summary(emitter),
     }
 
 
@@ -93,6 +94,15 @@ def status_command(app: Litestar, as_json: bool) -> None:
     click.echo(f"delayed events waiting in {scheduling['delayed_events_wait_in']}: {waiting}")
     for periodic in scheduling["periodic"]:
         click.echo(f"periodic {periodic['name']}: last tick {periodic.get('last_tick') or 'never'}")
+    outbox = status["outbox"]
+    if outbox is not None and "error" in outbox:
+        click.echo(f"outbox ({outbox['table']} in {outbox['database']}): {outbox['error']}")
+    elif outbox is not None:
+        age = "-" if outbox["oldest_row_age_s"] is None else f"{outbox['oldest_row_age_s']:.1f}s"
+        click.echo(
+            f"outbox ({outbox['table']} in {outbox['database']}): {outbox['depth']} row(s), oldest {age}, "
+            f"relay lag {outbox['relay_lag_s']:.1f}s ({outbox['overdue']} past their lease)"
+        )
     for event_id, listeners in status["events"].items():
         click.echo(f"{event_id}  (task {emitter_of(app).config.event_task_name(event_id)})")
         for entry in listeners:
@@ -161,6 +171,29 @@ def _failed_summary(emitter: CeleryEventEmitter) -> dict[str, Any]:
         return {"store": store.location, "error": f"unavailable ({redact_url(str(exc))})"}
     finally:
         store.close()
+
+
+def _outbox_summary(emitter: CeleryEventEmitter) -> dict[str, Any] | None:
+    """Outbox depth, age of its oldest row and relay lag (how long the most overdue row has waited)."""
+    if emitter.outbox is None:
+        return None
+    outbox = emitter.outbox.outbox
+    url = outbox.database_url()
+    summary: dict[str, Any] = {"table": outbox.table.name, "database": url.render_as_string(hide_password=True)}
+    store = outbox.open_store(timeout_s=STATUS_TIMEOUT_S)
+    try:
+        found = store.status()
+    except Exception as exc:  # noqa: BLE001 - status must print even when the database is unreachable
+        return {**summary, "error": f"unavailable ({redact_url(type(exc).__name__ + ': ' + str(exc))})"}
+    finally:
+        store.close()
+    return {
+        **summary,
+        "depth": found.depth,
+        "oldest_row_age_s": found.oldest_age_s,
+        "relay_lag_s": found.relay_lag_s,
+        "overdue": found.overdue,
+    }
 
 
 @events_group.group(name="failed")

@@ -16,6 +16,7 @@ from litestar_celery_events.runtime.beat import install_scheduling
 from litestar_celery_events.runtime.dependencies import prepare_injectors
 from litestar_celery_events.runtime.failures import record_failures_in
 from litestar_celery_events.runtime.hostile import record_refused_messages
+from litestar_celery_events.runtime.ledger import run_once_for
 from litestar_celery_events.runtime.lifespan import install_worker_lifespan
 from litestar_celery_events.runtime.observability import install_worker_observability
 from litestar_celery_events.runtime.tasks import register_event_tasks
@@ -48,13 +49,16 @@ def create_worker_app(litestar_app: Litestar | str | None = None) -> Celery:
     """The Celery app that ``celery -A worker worker|beat|flower`` runs for ``litestar_app``."""
     app = litestar_app if isinstance(litestar_app, Litestar) else load_litestar_app(litestar_app)
     emitter = emitter_of(app)
+    if emitter.outbox is not None:
+        emitter.outbox.check(app)  # a missing outbox table stops the worker at start-up, not at a commit
     celery_app = emitter.celery_app
     unresolved = sorted(set(emitter.registry.unresolved.values()))
     if unresolved:
         raise ImproperlyConfiguredException("; ".join(unresolved))
     prepare_injectors(app, emitter.registry)  # a dependency a listener call cannot get fails here
     listener_scope = install_worker_observability(celery_app, emitter.config)
-    register_event_tasks(celery_app, emitter.registry, emitter.config, listener_scope)
+    run_once = run_once_for(emitter, celery_app)
+    register_event_tasks(celery_app, emitter.registry, emitter.config, listener_scope, run_once)
     install_scheduling(celery_app, emitter)
     record_failures_in(failed_store_for(emitter.config, celery_app))
     record_refused_messages(celery_app, emitter.config)
@@ -70,9 +74,16 @@ def _start_emitter_in_main_process(emitter: CeleryEventEmitter) -> None:
     def start(**_: object) -> None:
         emitter.start()  # idempotent
 
+    def start_outbox_relay(**_: object) -> None:
+        if emitter.outbox is not None:  # the main process relays rows a dead web process left
+            emitter.outbox.relay.ensure_started(relay=True)
+
     def stop(**_: object) -> None:
         if emitter.running:
             emitter.stop()
+        if emitter.outbox is not None:
+            emitter.outbox.stop()
 
     signals.worker_ready.connect(start, weak=False)
+    signals.worker_ready.connect(start_outbox_relay, weak=False)
     signals.worker_shutdown.connect(stop, weak=False)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from litestar_celery_events.config import CeleryEventsConfig
     from litestar_celery_events.listeners import ListenerRegistry, ListenerSpec
+    from litestar_celery_events.runtime.ledger import RunOnce
     from litestar_celery_events.runtime.observability import ListenerScope
 
 __all__ = ("register_event_tasks",)
@@ -94,11 +95,26 @@ class ListenerTask(Task):  # type: ignore[misc]
 
 
 def _register_listener_task(
-    celery_app: Celery, config: CeleryEventsConfig, event_id: str, spec: ListenerSpec, scope: ListenerScope | None
+    celery_app: Celery,
+    config: CeleryEventsConfig,
+    event_id: str,
+    spec: ListenerSpec,
+    scope: ListenerScope | None,
+    run_once: RunOnce | None,
 ) -> Task:
     def run_listener(self: ListenerTask, *args: Any, **kwargs: Any) -> None:
+        emission_id = ""
+        if run_once is not None:  # skip a listener that completed for this emission (a duplicate)
+            # Listener tasks are ``<emission id>:<listener>`` (escalations, routed listeners, replays).
+            task_id, own = str(self.request.id), f":{spec.name}"
+            emission_id = task_id[: -len(own)] if task_id.endswith(own) else str(self.request.get("root_id") or task_id)
+            if spec.name in run_once.completed(emission_id):
+                run_once.skipped(event_id, emission_id, spec.name)
+                return
         _check_arguments(spec, args, kwargs)
         call_listener(spec, args, kwargs, scope)
+        if run_once is not None:
+            run_once.record(emission_id, spec.name)
 
     options = {**spec.task_options, **{k: v for k, v in AT_LEAST_ONCE.items() if k not in spec.task_options}}
     task: Task = celery_app.task(
@@ -120,6 +136,7 @@ def _register_event_task(
     specs: tuple[ListenerSpec, ...],
     listener_tasks: dict[str, Task],
     scope: ListenerScope | None,
+    run_once: RunOnce | None,
 ) -> Task:
     def run_event(self: Task, *args: Any, **kwargs: Any) -> None:
         request = self.request
@@ -135,8 +152,12 @@ def _register_event_task(
             failure = _failure(self, name, exc, args, kwargs, attempts=0)
             failure.permanent = True  # no retry can make an unregistered listener appear
             report_failure(failure)
+        done = run_once.completed(emission_id) if run_once is not None else ()
         for spec in targets:
             listener_task = listener_tasks[spec.name]
+            if spec.name in done:  # completed when this emission came before (run_once is set)
+                run_once.skipped(event_id, emission_id, spec.name)  # type: ignore[union-attr]
+                continue
             if spec.runs_as_own_task:
                 listener_task.apply_async(args, kwargs, task_id=f"{emission_id}:{spec.name}", headers=_headers(request))
                 continue
@@ -145,6 +166,9 @@ def _register_event_task(
                 call_listener(spec, args, kwargs, scope)
             except Exception as exc:  # noqa: BLE001 - each listener fails on its own
                 _escalate(self, spec, listener_task, exc, args, kwargs)
+            else:
+                if run_once is not None:
+                    run_once.record(emission_id, spec.name)
 
     def _escalate(self: Task, spec: ListenerSpec, listener_task: Task, exc: Exception, args: Any, kwargs: Any) -> None:
         options = spec.task_options
@@ -191,14 +215,18 @@ def _headers(request: Any) -> dict[str, Any]:
 
 
 def register_event_tasks(
-    celery_app: Celery, registry: ListenerRegistry, config: CeleryEventsConfig, scope: ListenerScope | None = None
+    celery_app: Celery,
+    registry: ListenerRegistry,
+    config: CeleryEventsConfig,
+    scope: ListenerScope | None = None,
+    run_once: RunOnce | None = None,
 ) -> list[str]:
     """Register the tasks of every event in ``registry`` (each listener call inside ``scope``); return their names."""
     names: list[str] = []
     for event_id, specs in registry.by_event.items():
         listener_tasks = {
-            spec.name: _register_listener_task(celery_app, config, event_id, spec, scope) for spec in specs
+            spec.name: _register_listener_task(celery_app, config, event_id, spec, scope, run_once) for spec in specs
         }
-        names.append(_register_event_task(celery_app, config, event_id, specs, listener_tasks, scope).name)
+        names.append(_register_event_task(celery_app, config, event_id, specs, listener_tasks, scope, run_once).name)
         names.extend(task.name for task in listener_tasks.values())
     return names
