@@ -112,10 +112,6 @@ def _log_commit(session: Session) -> None:
 
 
 def create_app() -> Litestar:
-    if os.environ.get("SWITCH_INTERVAL_S"):
-        import sys
-
-        sys.setswitchinterval(float(os.environ["SWITCH_INTERVAL_S"]))
     url = os.environ["OUTBOX_DB_URL"]
     # SQLite keeps a transaction open after a COMMIT its deferred foreign key failed: no pooled connections.
     engine_config = EngineConfig(poolclass=NullPool) if url.startswith("sqlite") else EngineConfig()
