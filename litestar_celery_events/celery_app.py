@@ -36,6 +36,20 @@ def secure_defaults() -> dict[str, Any]:
     }
 
 
+ASYNC_POOL = "litestar_celery_events.runtime.aio_pool:AsyncListenerPool"
+ASYNC_PREFETCH_MULTIPLIER = 2
+"""With the asyncio pool, messages reserved per listener slot: one running, one waiting its turn."""
+
+
+def async_pool_settings(concurrency: int) -> dict[str, Any]:
+    """Celery settings that make ``celery -A worker worker`` run the asyncio pool (no CLI flag needed)."""
+    return {
+        "worker_pool": ASYNC_POOL,
+        "worker_concurrency": concurrency,
+        "worker_prefetch_multiplier": ASYNC_PREFETCH_MULTIPLIER,
+    }
+
+
 def _embedded_transport_options(config: CeleryEventsConfig) -> dict[str, Any]:
     folder = config.resolved_data_dir / "broker"
     (folder / "processed").mkdir(parents=True, exist_ok=True)
@@ -67,6 +81,8 @@ def build_celery_app(config: CeleryEventsConfig, main: str = "litestar_celery_ev
                 "disagree; set only one of them (default_queue is a shorthand for task_default_queue)"
             )
         settings["task_default_queue"] = config.default_queue
+    if config.async_concurrency is not None:
+        settings.update(async_pool_settings(config.async_concurrency))
     embedded_options = settings.get("broker_transport_options", {})
     settings.update(config.celery_config)
     if embedded_options:  # the embedded broker's folders stay, whatever else celery_config sets

@@ -172,6 +172,11 @@ class CeleryEventsConfig:
     worker_shutdown_timeout_s: float = DEFAULT_WORKER_SHUTDOWN_TIMEOUT_S
     """Longest wait for a worker process's shutdown side (``worker_on_shutdown``, the app's
     ``on_shutdown`` and lifespan exits); past it the rest is abandoned, with an error log."""
+    async_concurrency: int | None = None
+    """Run up to this many listeners at once in each worker process, on one asyncio event loop
+    (sync listeners on a thread pool beside it): ``celery -A worker worker`` then uses the pool
+    ``litestar_celery_events.runtime.aio_pool:AsyncListenerPool`` with ``worker_concurrency`` set to
+    this. ``None``: Celery's own pool settings (prefork by default). Needs the ``async`` extra."""
     failed_store_url: str | None = None
     """Where failed events are recorded: a ``redis://`` URL or ``sqlite:///path``. Default: the
     broker's Redis when the broker is Redis, else ``data_dir/failed.sqlite3`` (one machine)."""
@@ -219,6 +224,8 @@ class CeleryEventsConfig:
         if self.worker_shutdown_timeout_s < 0:
             raise ValueError("worker_shutdown_timeout_s must not be negative")
         _require_positive(self, "outbox_relay_after_s", "listener_ledger_retention_s")
+        if self.async_concurrency is not None and self.async_concurrency < 1:
+            raise ValueError("async_concurrency must be at least 1, or None to keep Celery's pool settings")
         if self.spool_after_events < 0 or self.max_spooled_events < 1:
             raise ValueError("spool_after_events must be >= 0 and max_spooled_events >= 1")
 

@@ -2,12 +2,15 @@
 
 A listener with injected parameters gets them resolved on the process loop, in a scope of its own
 per call (``runtime.dependencies``); its sync function still runs in the pool's thread.
+
+The asyncio pool (``aio_pool``) swaps the two runners: there every coroutine of a listener call
+runs as a task on the loop while the task's greenlet waits, and sync functions run on its threads.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -17,9 +20,19 @@ from litestar_celery_events.runtime.event_loop import run_coroutine
 if TYPE_CHECKING:
     from litestar_celery_events.listeners import ListenerSpec
 
-__all__ = ("call_listener",)
+__all__ = ("call_listener", "run_async_listener", "run_sync_listener")
 
 logger = logging.getLogger("litestar_celery_events.worker")
+
+
+def _call_directly(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return fn(*args, **kwargs)
+
+
+run_async_listener: Callable[[Coroutine[Any, Any, Any]], Any] = run_coroutine
+"""Runs a coroutine of a listener call (the listener, its dependencies) to completion."""
+run_sync_listener: Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any] = _call_directly
+"""Calls a sync listener."""
 
 
 def call_listener(
@@ -44,8 +57,10 @@ def _call(spec: ListenerSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
         args, kwargs = spec.payload.decode(args, kwargs)
     if spec.injection.names:
         result = _call_injected(spec, args, kwargs)
+    elif spec.is_async:
+        result = run_async_listener(spec.fn(*args, **kwargs))
     else:
-        result = run_coroutine(spec.fn(*args, **kwargs)) if spec.is_async else spec.fn(*args, **kwargs)
+        result = run_sync_listener(spec.fn, args, kwargs)
     if result is not None:
         logger.debug("listener %s returned %r; listener return values are ignored", spec.name, result)
 
@@ -65,12 +80,12 @@ def _call_injected(spec: ListenerSpec, args: tuple[Any, ...], kwargs: dict[str, 
             await finish_call_scope(app, call_scope, cleanup, None)
             return result
 
-        return run_coroutine(run())
-    values, cleanup = run_coroutine(injector.resolve(app, state, call_scope))
+        return run_async_listener(run())
+    values, cleanup = run_async_listener(injector.resolve(app, state, call_scope))
     try:
-        result = spec.fn(*args, **kwargs, **values)
+        result = run_sync_listener(spec.fn, args, {**kwargs, **values})
     except BaseException as exc:
-        run_coroutine(finish_call_scope(app, call_scope, cleanup, exc))
+        run_async_listener(finish_call_scope(app, call_scope, cleanup, exc))
         raise
-    run_coroutine(finish_call_scope(app, call_scope, cleanup, None))
+    run_async_listener(finish_call_scope(app, call_scope, cleanup, None))
     return result
