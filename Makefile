@@ -25,8 +25,11 @@ lint: install
 test: lint
 	$(PY) -m pytest
 
-$(VENV)/.bench-installed: $(VENV)/.installed
+$(VENV)/.bench-installed: $(VENV)/.installed bench/anchors-requirements.txt
 	$(PY) -m pip install -q -e '.[test,bench]'
+	# arq and saq (the asyncio anchors) in a venv of their own: arq pins redis-py < 6.
+	$(PYTHON) -m venv $(VENV)-anchors
+	$(VENV)-anchors/bin/python -m pip install -q -r bench/anchors-requirements.txt
 	touch $@
 
 # Every benchmark side by side (~6-8 min); writes bench/results/results.{md,json}.

@@ -30,6 +30,7 @@ STEPS = (
     "request_path",
     "stall",
     "e2e",
+    "async_listeners",
     "memory",
     "scheduling",
     "amqp_delayed",
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         "reps": reps,
         "errors": {},
     }
-    from bench import e2e, inprocess, memory, outbox, request_path
+    from bench import async_listeners, e2e, inprocess, memory, outbox, request_path
 
     with RedisServer() as redis:
         results["versions"] = versions(redis)
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             "publish": lambda: inprocess.publish_throughput(redis, max(2, reps - 2)),
             "async_calls": lambda: inprocess.async_calls(reps),
             "e2e": lambda: e2e.run_e2e(redis, max(2, reps - 2), n=2_000 if args.quick else 4_000),
+            "async_listeners": lambda: async_listeners.run_async_listeners(redis, min(reps, 3), args.quick),
             "memory": memory.run_memory,
             "scheduling": lambda: _own_process("scheduling", 420),
             "amqp_delayed": lambda: _own_process("amqp_delayed", 600)["amqp_delayed"],

@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -100,6 +101,8 @@ class AsyncListenerPool(BasePool):  # type: ignore[misc]  # celery is untyped
         self._slots: asyncio.Semaphore | None = None
         self._in_flight = 0
         self._count_lock = threading.Lock()
+        self._arrived: deque[_Job] = deque()
+        self._wake_pending = False
         self._idle = threading.Event()
         self._idle.set()
         self.sync_executor = ThreadPoolExecutor(
@@ -141,7 +144,10 @@ class AsyncListenerPool(BasePool):  # type: ignore[misc]  # celery is untyped
         with self._count_lock:
             self._in_flight += 1
             self._idle.clear()
-        self.loop.call_soon_threadsafe(self._start, job)
+            self._arrived.append(job)
+            wake, self._wake_pending = not self._wake_pending, True
+        if wake:  # one wake-up of the loop thread for every job that arrives before it runs
+            self.loop.call_soon_threadsafe(self._start_arrived)
 
     def on_stop(self) -> None:
         """Warm shutdown: the consumer stopped taking messages; let the tasks in flight finish."""
@@ -170,8 +176,12 @@ class AsyncListenerPool(BasePool):  # type: ignore[misc]  # celery is untyped
 
     # The loop's side (loop thread).
 
-    def _start(self, job: _Job) -> None:
-        job.driver = self.loop.create_task(self._drive(job))
+    def _start_arrived(self) -> None:
+        with self._count_lock:
+            jobs, self._arrived = self._arrived, deque()
+            self._wake_pending = False
+        for job in jobs:
+            job.driver = self.loop.create_task(self._drive(job))
 
     async def _drive(self, job: _Job) -> None:
         assert self._slots is not None
