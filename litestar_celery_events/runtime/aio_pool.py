@@ -98,6 +98,7 @@ class AsyncListenerPool(BasePool):  # type: ignore[misc]  # celery is untyped
         self.limit: int = int(self.limit or 1)
         self.loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
+        self._replaced_runners: tuple[Any, Any] | None = None
         self._slots: asyncio.Semaphore | None = None
         self._in_flight = 0
         self._count_lock = threading.Lock()
@@ -123,6 +124,7 @@ class AsyncListenerPool(BasePool):  # type: ignore[misc]  # celery is untyped
         self._thread = threading.Thread(target=run_loop, name="celery-events-loop", daemon=True)
         self._thread.start()
         started.wait()
+        self._replaced_runners = (invoke.run_async_listener, invoke.run_sync_listener)
         invoke.run_async_listener = _await_listener
         invoke.run_sync_listener = _call_sync_listener
         signals.worker_process_init.send(sender=None)  # tasks run in this process, as with solo
@@ -152,16 +154,28 @@ class AsyncListenerPool(BasePool):  # type: ignore[misc]  # celery is untyped
     def on_stop(self) -> None:
         """Warm shutdown: the consumer stopped taking messages; let the tasks in flight finish."""
         self._idle.wait()
-        self._close()
+        self._stop_loop()
+        if not self.loop.is_closed():
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+        self._closed()
 
     def on_terminate(self) -> None:
-        """Cold shutdown: stop now; unacknowledged messages go back to the queue (``acks_late``)."""
-        self._close()
+        """Cold shutdown: stop now. The tasks in flight are not run on (nor acknowledged): their
+        messages go back to the queue (``acks_late``)."""
+        self._stop_loop()
+        self._closed()
 
-    def _close(self) -> None:
+    def _stop_loop(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
+        self._thread = None
+
+    def _closed(self) -> None:
+        if self._replaced_runners is not None:
+            invoke.run_async_listener, invoke.run_sync_listener = self._replaced_runners
+            self._replaced_runners = None
         self.sync_executor.shutdown(wait=False, cancel_futures=True)
         signals.worker_process_shutdown.send(sender=None, pid=os.getpid(), exitcode=0)
 

@@ -109,7 +109,8 @@ def create_app() -> Litestar:
     celery_config: dict[str, Any] = {}
     visibility = os.environ.get("VISIBILITY_TIMEOUT_S")
     if visibility:
-        celery_config["broker_transport_options"] = {"visibility_timeout": float(visibility), "unacked_restore_throttle": 1}
+        options = {"visibility_timeout": float(visibility), "unacked_restore_throttle": 1}
+        celery_config["broker_transport_options"] = options
     config = CeleryEventsConfig(
         default_queue=os.environ.get("TEST_QUEUE"), async_concurrency=CONCURRENCY, celery_config=celery_config
     )
