@@ -1,6 +1,7 @@
 """The app of the async-listener benchmark: ``celery -A bench.async_worker worker`` loads it.
 
-Env ``BENCH_ASYNC_CONCURRENCY`` (a number) turns on the asyncio pool, unset keeps prefork.
+Env ``BENCH_ASYNC_CONCURRENCY`` (a number) turns on the asyncio pool, unset keeps prefork;
+``BENCH_PREFETCH_MULTIPLIER`` overrides Celery's prefetch multiplier.
 Listeners: the 50 ms listener (``await asyncio.sleep(0.05)``), an async no-op, a CPU-bound sync
 listener, and the 50 ms listener that first records emit -> start latency. The arq and saq
 workers (bench/anchors/) run the same coroutines.
@@ -64,7 +65,9 @@ async def on_sleep_latency(t: float, **kwargs: Any) -> None:
 
 def create_app() -> Litestar:
     concurrency = os.environ.get("BENCH_ASYNC_CONCURRENCY")
+    prefetch = os.environ.get("BENCH_PREFETCH_MULTIPLIER")  # to compare prefetch settings
     config = CeleryEventsConfig(
+        celery_config={"worker_prefetch_multiplier": int(prefetch)} if prefetch else {},
         broker_url=os.environ["BENCH_REDIS_URL"],
         default_queue=os.environ.get("BENCH_ASYNC_QUEUE", QUEUE),
         data_dir=os.environ.get("BENCH_DATA_DIR"),

@@ -193,6 +193,7 @@ def _targets(r: dict[str, Any]) -> list[str]:  # noqa: PLR0915 - one row per tar
             "(baseline)",
             "",
         )
+    rows += _async_listener_rows(r.get("async_listeners"))
     ac = r.get("async_calls")
     if ac:
         row(
@@ -335,6 +336,39 @@ def _outbox_rows(ob: dict[str, Any] | None, row: Any) -> None:
     )
 
 
+def _async_listener_rows(al: dict[str, Any] | None) -> list[str]:
+    """The asyncio pool (``async_concurrency``) against prefork -c 2, arq and saq."""
+    if not al:
+        return []
+    rates = al["events_per_s"]
+    conc = al.get("concurrency", 100)
+
+    def vs(key: str, case: str, other: str) -> str:
+        return f"{_s(al[key])}x ({_s(rates[case]['async'], 0)} vs {_s(rates[case][other], 0)} /s)"
+
+    def met(key: str, target: float) -> str:
+        return _met(_get(al, key, "median"), target)
+
+    p99 = al["latency_p99_ms"]
+    return [
+        f"| Async listener (`await asyncio.sleep(0.05)`), one worker: `async_concurrency={conc}` ÷ prefork -c 2 "
+        f"| {vs('ratio_sleep_vs_prefork', 'sleep_50ms', 'prefork')} | ≥ 20x | {met('ratio_sleep_vs_prefork', 20)} |",
+        f"| … same ÷ arq ({conc} jobs at once, same run) | {vs('ratio_sleep_vs_arq', 'sleep_50ms', 'arq')} "
+        f"| ≥ 1.0x | {met('ratio_sleep_vs_arq', 1.0)} |",
+        f"| … same ÷ saq ({conc} jobs at once, same run) | {vs('ratio_sleep_vs_saq', 'sleep_50ms', 'saq')} "
+        "| (anchor) |  |",
+        f"| … async no-op listener ÷ prefork -c 2 (today) | {vs('ratio_noop_vs_prefork', 'noop', 'prefork')} "
+        f"| ≥ 1.0x | {met('ratio_noop_vs_prefork', 1.0)} |",
+        f"| … CPU-bound sync listener ÷ prefork -c 2 | {vs('ratio_cpu_vs_prefork', 'cpu_sync', 'prefork')} "
+        f"| ≥ 1.0x | {met('ratio_cpu_vs_prefork', 1.0)} |",
+        f"| … mixed app (50 ms async + 50 ms blocking sync listener) ÷ prefork -c 2 "
+        f"| {vs('ratio_mixed_vs_prefork', 'mixed', 'prefork')} | (default choice) |  |",
+        f"| … emit → listener start p99 at {_num(al['latency_rate_per_s'], 0)} events/s, 50 ms listener "
+        f"| {_s(p99, unit=' ms')} (p50 {_s(al['latency_p50_ms'], unit=' ms')}) | ≤ 15 ms "
+        f"| {_met(_get(p99, 'median'), 15.0, higher_is_better=False)} |",
+    ]
+
+
 def _details(r: dict[str, Any]) -> list[str]:
     out: list[str] = []
     rp = r.get("request_path")
@@ -370,6 +404,18 @@ def _details(r: dict[str, Any]) -> list[str]:
             "| --- | --- |",
         ]
         out += [f"| {name} | {_s(v, 0)} |" for name, v in e2e["events_per_s"].items()]
+    al = r.get("async_listeners")
+    if al:
+        systems = ["prefork", "async", "arq", "saq"]
+        out += [
+            "",
+            f"### Async listeners (events/s, one worker each; `async` = `async_concurrency={al.get('concurrency')}`)",
+            "",
+            "| listener | " + " | ".join(systems) + " |",
+            "| --- | " + " | ".join("---" for _ in systems) + " |",
+        ]
+        for case, by in al["events_per_s"].items():
+            out.append(f"| {case} | " + " | ".join(_s(by.get(name), 0) for name in systems) + " |")
     return out
 
 
