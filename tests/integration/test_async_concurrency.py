@@ -20,7 +20,7 @@ from litestar import Litestar
 from litestar.testing import TestClient
 
 from litestar_celery_events import CeleryEventEmitter
-from litestar_celery_events.failed_store import FailedStore, failed_store_for
+from litestar_celery_events.stores.failed import FailedStore, failed_store_for
 from tests.apps.concurrent import CONCURRENCY, create_app
 from tests.helpers import CeleryProcess, runs_of, wait_for
 
@@ -41,7 +41,7 @@ def app(env: dict[str, str]) -> Litestar:
 
 @pytest.fixture
 def store(app: Litestar) -> Iterator[FailedStore]:
-    made = failed_store_for(_emitter(app).config)
+    made = failed_store_for(_emitter(app).config, _emitter(app).celery_app)
     made.purge()
     yield made
     made.close()
