@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer, shorter repetitions (a smoke run)")
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(STEPS)}")
     parser.add_argument("--reps", type=int, default=None, help="repetitions of each side-by-side comparison")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other benchmarks' figures of the existing results.json (each run noted in the table)",
+    )
     args = parser.parse_args(argv)
     steps = [s for s in args.only.split(",") if s] or list(STEPS)
     reps = args.reps or (2 if args.quick else 5)
@@ -94,11 +99,29 @@ def main(argv: list[str] | None = None) -> int:
     results["machine_end"] = machine()
     results["elapsed_s"] = round(time.perf_counter() - started, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.merge and (RESULTS / "results.json").exists():
+        results = _merged(json.loads((RESULTS / "results.json").read_text()), results, steps)
     (RESULTS / "results.json").write_text(json.dumps(results, indent=1, sort_keys=False, default=str) + "\n")
     table = render(results)
     (RESULTS / "results.md").write_text(table)
     print(table)
     return 1 if results["errors"] else 0
+
+
+def _merged(previous: dict[str, Any], run: dict[str, Any], steps: list[str]) -> dict[str, Any]:
+    """``previous`` with ``steps`` replaced by this run's figures; the run's own header is kept
+    under ``merged_runs`` so the table says which figures come from which run."""
+    merged = dict(previous)
+    for step in steps:
+        merged.pop(step, None)
+        merged.get("errors", {}).pop(step, None)
+        if step in run:
+            merged[step] = run[step]
+        if step in run["errors"]:
+            merged.setdefault("errors", {})[step] = run["errors"][step]
+    header = {k: run[k] for k in ("command", "started_at", "machine", "machine_end", "elapsed_s", "reps") if k in run}
+    merged["merged_runs"] = [*previous.get("merged_runs", []), {"steps": steps, **header}]
+    return merged
 
 
 def _web(name: str, redis: RedisServer, ports: Any, reps: int, quick: bool) -> Any:

@@ -419,6 +419,17 @@ def _details(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def _merged_runs(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for run in results.get("merged_runs", []):
+        m, end = run.get("machine", {}), run.get("machine_end", {})
+        lines.append(
+            f"Figures of {', '.join(run['steps'])}: from `{run.get('command')}`, started {run.get('started_at')}, "
+            f"took {run.get('elapsed_s')} s; load average {m.get('load_avg')} → {end.get('load_avg')}."
+        )
+    return [*lines, ""] if lines else []
+
+
 def render(results: dict[str, Any]) -> str:
     m = results.get("machine", {})
     end = results.get("machine_end", {})
@@ -438,6 +449,7 @@ def render(results: dict[str, Any]) -> str:
         "Every comparison runs side by side in the same run; ratios are per repetition, then the median "
         "(min-max). Targets are the project's goals, measured, not timed tests.",
         "",
+        *_merged_runs(results),
         *_targets(results),
         *_details(results),
     ]
@@ -464,7 +476,7 @@ def update_readme(results: dict[str, Any], readme: Path) -> None:
         f"litestar {v.get('litestar')}, celery {v.get('celery')}, kombu {v.get('kombu')}, redis-py {v.get('redis')}, "
         f"redis-server {v.get('redis-server')}; commit {v.get('commit')}."
     )
-    block = "\n".join(["", head, "", *_targets(results), ""])
+    block = "\n".join(["", head, "", *_merged_runs(results), *_targets(results), ""])
     readme.write_text(text[:start] + block + text[end:], encoding="utf-8")
 
 
