@@ -108,7 +108,7 @@ async def slow(seconds: float) -> None:
 def create_app() -> Litestar:
     celery_config: dict[str, Any] = {}
     visibility = os.environ.get("VISIBILITY_TIMEOUT_S")
-    if visibility:
+    if visibility and os.environ.get("CELERY_BROKER_URL", "").startswith("redis"):
         options = {"visibility_timeout": float(visibility), "unacked_restore_throttle": 1}
         celery_config["broker_transport_options"] = options
     config = CeleryEventsConfig(

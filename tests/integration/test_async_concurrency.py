@@ -30,8 +30,10 @@ APP = "tests.apps.concurrent:create_app"
 
 
 @pytest.fixture
-def env(redis_url: str, use_env: Callable[..., dict[str, str]]) -> dict[str, str]:
-    return use_env(redis_url, APP, CELERY_EVENTS_LOG_FORMAT="json", VISIBILITY_TIMEOUT_S="3")
+def env(broker_url: str, use_env: Callable[..., dict[str, str]]) -> dict[str, str]:
+    """Both brokers: on RabbitMQ a dead worker's messages come back when its connection drops, on
+    Redis after ``visibility_timeout`` (3 s here)."""
+    return use_env(broker_url, APP, CELERY_EVENTS_LOG_FORMAT="json", VISIBILITY_TIMEOUT_S="3")
 
 
 @pytest.fixture
