@@ -14,6 +14,7 @@ from litestar_celery_events.config import LITESTAR_APP_ENV
 from litestar_celery_events.emitter import CeleryEventEmitter, emitter_of
 from litestar_celery_events.runtime.acks import BatchRedisAcks
 from litestar_celery_events.runtime.beat import install_scheduling
+from litestar_celery_events.runtime.brpop import EarlyRedisFetch
 from litestar_celery_events.runtime.dependencies import prepare_injectors
 from litestar_celery_events.runtime.failures import record_failures_in
 from litestar_celery_events.runtime.hostile import record_refused_messages
@@ -64,8 +65,8 @@ def create_worker_app(litestar_app: Litestar | str | None = None) -> Celery:
     record_failures_in(failed_store_for(emitter.config, celery_app))
     record_refused_messages(celery_app, emitter.config)
     install_worker_lifespan(celery_app, app, emitter)  # pool children, or the main process (solo, threads)
-    if emitter.config.async_concurrency is not None:  # many acks per consumer tick: one round trip
-        celery_app.steps["consumer"].add(BatchRedisAcks)
+    if emitter.config.async_concurrency is not None:  # the consumer is the ceiling: fewer round trips
+        celery_app.steps["consumer"].update((BatchRedisAcks, EarlyRedisFetch))
     _start_emitter_in_main_process(emitter)
     celery_app.litestar_app = app
     return celery_app

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from litestar import Litestar
 from litestar.testing import TestClient
 
@@ -204,3 +205,20 @@ def test_a_killed_worker_leaves_its_in_flight_events_to_be_redelivered(
     assert len(runs_of(records, "slow:start")) == 2
     assert len(runs_of(records, "slow:done")) == 1
     assert sys.platform != "win32"
+
+
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
+def test_a_burst_runs_each_event_once_and_leaves_nothing_unacknowledged(
+    app: Litestar, worker: CeleryProcess, env: dict[str, str], redis_url: str
+) -> None:
+    """Reservations are pipelined and acks batched on Redis: every record must still be removed."""
+    records = Path(env["RECORD_FILE"])
+    with TestClient(app):
+        for n in range(500):
+            app.emit("nap", n=n, seconds=0.0)
+
+    wait_for(lambda: len(runs_of(records, "nap")) >= 500, 60, "500 runs")
+    assert sorted(r["kwargs"]["n"] for r in runs_of(records, "nap")) == list(range(500))
+    client = redis.Redis.from_url(redis_url)
+    wait_for(lambda: client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0, 10, "every ack")
+    assert client.llen(env["TEST_QUEUE"]) == 0

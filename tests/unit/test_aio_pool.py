@@ -11,13 +11,15 @@ from typing import Any
 from unittest import mock
 
 import pytest
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from litestar_celery_events import CeleryEventsConfig
 from litestar_celery_events.celery_app import ASYNC_POOL, build_celery_app
 from litestar_celery_events.runtime import invoke
-from litestar_celery_events.runtime.acks import MAX_ACK_BATCH, _BatchingAck
+from litestar_celery_events.runtime.acks import MAX_ACK_BATCH, _BatchingAck, _PipelinedReserve
 from litestar_celery_events.runtime.aio_pool import AsyncListenerPool
+from litestar_celery_events.runtime.brpop import _EarlyBrpop
 from litestar_celery_events.runtime.event_loop import run_coroutine
 
 
@@ -183,7 +185,7 @@ def test_acks_wait_for_a_batch_then_go_in_one_pipeline() -> None:
     qos = mock.MagicMock(unacked_index_key="unacked_index", unacked_key="unacked")
     client = qos.channel.conn_or_acquire.return_value.__enter__.return_value
     hub = mock.Mock()
-    batcher = _BatchingAck(qos, hub)
+    batcher = _BatchingAck(qos, hub, None)
     with mock.patch("litestar_celery_events.runtime.acks.VirtualQoS.ack") as bookkeeping:
         batcher("tag-1")
         batcher("tag-2")
@@ -196,3 +198,71 @@ def test_acks_wait_for_a_batch_then_go_in_one_pipeline() -> None:
         for n in range(MAX_ACK_BATCH):
             batcher(f"t{n}")
         assert client.pipeline.call_count == 2, "a full batch goes at once"
+
+
+def test_a_reservation_is_sent_at_once_and_its_reply_read_before_the_next_acks() -> None:
+    qos = mock.MagicMock(unacked_index_key="unacked_index", unacked_key="unacked")
+    connection = qos.channel.client.connection_pool.get_connection.return_value
+    connection.read_response.side_effect = ["OK", "QUEUED", "QUEUED", [1, 1]]
+    connection.can_read.return_value = False
+    message = mock.Mock(_raw={"body": "x"}, delivery_info={"exchange": "", "routing_key": "events"})
+    reserve = _PipelinedReserve(qos)
+    with mock.patch("litestar_celery_events.runtime.acks.VirtualQoS") as virtual:
+        reserve(message, "tag-1")
+        virtual.append.assert_called_once_with(qos, message, "tag-1")
+    [commands] = connection.pack_commands.call_args.args
+    assert [c[0] for c in commands] == ["MULTI", "ZADD", "HSET", "EXEC"]
+    assert commands[2][1:3] == ("unacked", "tag-1")
+    connection.send_packed_command.assert_called_once()
+    assert reserve.unread == 4 and connection.read_response.call_count == 0, "no waiting for the reply"
+
+    batcher = _BatchingAck(qos, mock.Mock(), reserve)
+    batcher.pending.append("tag-1")
+    with mock.patch("litestar_celery_events.runtime.acks.VirtualQoS"):
+        batcher.flush()
+    assert reserve.unread == 0 and connection.read_response.call_count == 4, "replies read before the ack"
+
+
+def test_an_error_inside_a_reservation_reply_raises() -> None:
+    qos = mock.MagicMock(unacked_index_key="unacked_index", unacked_key="unacked")
+    connection = qos.channel.client.connection_pool.get_connection.return_value
+    connection.read_response.side_effect = ["OK", "QUEUED", "QUEUED", [redis.ResponseError("OOM"), 1]]
+    reserve = _PipelinedReserve(qos)
+    reserve.unread = 4
+    with pytest.raises(redis.ResponseError, match="OOM"):
+        reserve.drain()
+
+
+def test_the_next_brpop_is_sent_before_the_message_is_delivered_and_stays_marked_in_flight() -> None:
+    order: list[str] = []
+    channel = mock.Mock()
+    channel._in_poll = "conn"
+    channel._pending_reauth_token.return_value = None
+    channel.qos.can_consume.return_value = True
+    transport = channel.connection
+
+    def register(ch: Any) -> None:
+        order.append("brpop sent")
+        ch._in_poll = "conn"
+
+    transport.cycle._register_BRPOP.side_effect = register
+    transport._deliver.side_effect = lambda message, queue: order.append("delivered")
+
+    def kombu_read(**_: Any) -> bool:  # what kombu's _brpop_read does around _deliver
+        channel.connection._deliver({"m": 1}, "events")
+        channel._in_poll = None
+        return True
+
+    channel.handlers = {"BRPOP": kombu_read}
+    patch = _EarlyBrpop(channel)
+    patch.install()
+    assert channel.handlers["BRPOP"]()
+    assert order == ["brpop sent", "delivered"]
+    assert channel._in_poll == "conn", "the early BRPOP is still in flight: kombu must not send another"
+
+    channel._pending_reauth_token.return_value = "token"  # a re-auth waits for an idle connection
+    order.clear()
+    channel.handlers["BRPOP"]()
+    assert order == ["delivered"]
+    patch.uninstall()
+    assert channel.handlers["BRPOP"] is kombu_read
