@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             "publish": lambda: inprocess.publish_throughput(redis, max(2, reps - 2)),
             "async_calls": lambda: inprocess.async_calls(reps),
             "e2e": lambda: e2e.run_e2e(redis, max(2, reps - 2), n=2_000 if args.quick else 4_000),
-            "async_listeners": lambda: async_listeners.run_async_listeners(redis, min(reps, 3), args.quick),
+            "async_listeners": lambda: async_listeners.run_async_listeners(
+                redis, args.reps or min(reps, 3), args.quick
+            ),
             "memory": memory.run_memory,
             "scheduling": lambda: _own_process("scheduling", 420),
             "amqp_delayed": lambda: _own_process("amqp_delayed", 600)["amqp_delayed"],

@@ -113,6 +113,11 @@ class AsyncListenerPool(BasePool):  # type: ignore[misc]  # celery is untyped
     # Celery's side (consumer thread).
 
     def on_start(self) -> None:
+        if _asked_for_prefork(sys.argv):
+            logger.warning(
+                "`-P prefork` was replaced by the asyncio pool that async_concurrency configures (Celery lets a "
+                "configured worker_pool override its default pool name): use `-P processes -c N` for prefork"
+            )
         started = threading.Event()
 
         def run_loop() -> None:
@@ -253,6 +258,12 @@ class AsyncListenerPool(BasePool):  # type: ignore[misc]  # celery is untyped
             job.timeout_callback(False, job.timeout)  # Celery's own hard-limit path: on_failure, ack
         if job.driver is not None:
             job.driver.cancel()  # cancels the listener it awaits too
+
+
+def _asked_for_prefork(argv: list[str]) -> bool:
+    """``-P prefork`` / ``--pool prefork`` / ``--pool=prefork`` on the command line."""
+    pairs = zip(argv, [*argv[1:], ""], strict=True)
+    return any(flag in ("-P", "--pool") and value == "prefork" for flag, value in pairs) or "--pool=prefork" in argv
 
 
 def _run_job(job: _Job) -> None:

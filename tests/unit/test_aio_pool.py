@@ -18,7 +18,7 @@ from litestar_celery_events import CeleryEventsConfig
 from litestar_celery_events.celery_app import ASYNC_POOL, build_celery_app
 from litestar_celery_events.runtime import invoke
 from litestar_celery_events.runtime.acks import MAX_ACK_BATCH, _BatchingAck, _PipelinedReserve
-from litestar_celery_events.runtime.aio_pool import AsyncListenerPool
+from litestar_celery_events.runtime.aio_pool import AsyncListenerPool, _asked_for_prefork
 from litestar_celery_events.runtime.brpop import _EarlyBrpop
 from litestar_celery_events.runtime.event_loop import run_coroutine
 
@@ -266,3 +266,18 @@ def test_the_next_brpop_is_sent_before_the_message_is_delivered_and_stays_marked
     assert order == ["delivered"]
     patch.uninstall()
     assert channel.handlers["BRPOP"] is kombu_read
+
+
+@pytest.mark.parametrize(
+    ("argv", "asked"),
+    [
+        (["celery", "-A", "worker", "worker", "-P", "prefork"], True),
+        (["celery", "worker", "--pool=prefork"], True),
+        (["celery", "worker", "--pool", "prefork", "-c", "2"], True),
+        (["celery", "worker", "-P", "processes"], False),
+        (["celery", "worker"], False),
+    ],
+)
+def test_an_explicit_prefork_flag_is_noticed(argv: list[str], asked: bool) -> None:
+    """Celery replaces ``-P prefork`` with a configured worker_pool: the pool warns about it."""
+    assert _asked_for_prefork(argv) is asked
