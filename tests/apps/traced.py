@@ -58,6 +58,10 @@ def create_app() -> Litestar:
                 CeleryEventsConfig(
                     default_queue=os.environ.get("TEST_QUEUE"),
                     default_retry=RetryPolicy(max_retries=0),
+                    # env ASYNC_CONCURRENCY: the same trace through the asyncio pool
+                    async_concurrency=int(os.environ["ASYNC_CONCURRENCY"])
+                    if os.environ.get("ASYNC_CONCURRENCY")
+                    else None,
                 )
             ),
         ],

@@ -42,13 +42,26 @@ def _json_lines(text: str) -> list[dict[str, Any]]:
     return lines
 
 
+@pytest.mark.parametrize("async_concurrency", ["", "10"], ids=["prefork", "asyncio-pool"])
 def test_a_request_and_the_listeners_it_triggered_share_one_trace_and_the_worker_logs_carry_the_event(
-    web_spans: InMemorySpanExporter, redis_url: str, tmp_path: Path, use_env: Callable[..., dict[str, str]]
+    web_spans: InMemorySpanExporter,
+    redis_url: str,
+    tmp_path: Path,
+    use_env: Callable[..., dict[str, str]],
+    async_concurrency: str,
 ) -> None:
+    web_spans.clear()  # the module's exporter: this run's request only
     span_file = tmp_path / "worker-spans.jsonl"
-    env = use_env(redis_url, "tests.apps.traced:create_app", SPAN_FILE=str(span_file), CELERY_EVENTS_LOG_FORMAT="json")
+    env = use_env(
+        redis_url,
+        "tests.apps.traced:create_app",
+        SPAN_FILE=str(span_file),
+        CELERY_EVENTS_LOG_FORMAT="json",
+        ASYNC_CONCURRENCY=async_concurrency,
+    )
+    concurrency = ["--concurrency", async_concurrency or "1"]
 
-    with celery_worker(env, tmp_path / "worker.log", extra=["--concurrency", "1"]) as worker:
+    with celery_worker(env, tmp_path / "worker.log", extra=concurrency) as worker:
         app = create_app()
         with TestClient(app) as client:
             assert client.post("/orders/42/pay").status_code == 202
