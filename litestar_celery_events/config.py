@@ -65,6 +65,11 @@ def _require_positive(config: object, *names: str) -> None:
             raise ValueError(f"{name} must be positive")
 
 
+def _check_async_concurrency(value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError("async_concurrency must be at least 1, or None to keep Celery's pool settings")
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Celery retry options applied to listeners that set none of their own.
@@ -224,8 +229,7 @@ class CeleryEventsConfig:
         if self.worker_shutdown_timeout_s < 0:
             raise ValueError("worker_shutdown_timeout_s must not be negative")
         _require_positive(self, "outbox_relay_after_s", "listener_ledger_retention_s")
-        if self.async_concurrency is not None and self.async_concurrency < 1:
-            raise ValueError("async_concurrency must be at least 1, or None to keep Celery's pool settings")
+        _check_async_concurrency(self.async_concurrency)
         if self.spool_after_events < 0 or self.max_spooled_events < 1:
             raise ValueError("spool_after_events must be >= 0 and max_spooled_events >= 1")
 

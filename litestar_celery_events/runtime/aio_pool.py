@@ -47,7 +47,7 @@ except ImportError as exc:  # an optional dependency: only this pool needs it
     ) from exc
 
 from litestar_celery_events.runtime import invoke
-from litestar_celery_events.runtime.event_loop import run_coroutine
+from litestar_celery_events.runtime.event_loop import process_loop, run_coroutine
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine
@@ -96,8 +96,7 @@ class AsyncListenerPool(BasePool):  # type: ignore[misc]  # celery is untyped
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limit: int = int(self.limit or 1)
-        self.loop = asyncio.new_event_loop()
-        self._thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._replaced_runners: tuple[Any, Any] | None = None
         self._slots: asyncio.Semaphore | None = None
         self._in_flight = 0
@@ -118,17 +117,9 @@ class AsyncListenerPool(BasePool):  # type: ignore[misc]  # celery is untyped
                 "`-P prefork` was replaced by the asyncio pool that async_concurrency configures (Celery lets a "
                 "configured worker_pool override its default pool name): use `-P processes -c N` for prefork"
             )
-        started = threading.Event()
-
-        def run_loop() -> None:
-            asyncio.set_event_loop(self.loop)
-            self._slots = asyncio.Semaphore(self.limit)
-            self.loop.call_soon(started.set)
-            self.loop.run_forever()
-
-        self._thread = threading.Thread(target=run_loop, name="celery-events-loop", daemon=True)
-        self._thread.start()
-        started.wait()
+        # The process's listener loop: the app's lifespan runs on it too (``runtime.lifespan``
+        # starts it after this pool), so what its start-up created is usable by every listener.
+        self.loop = process_loop()
         self._replaced_runners = (invoke.run_async_listener, invoke.run_sync_listener)
         invoke.run_async_listener = _await_listener
         invoke.run_sync_listener = _call_sync_listener
@@ -153,29 +144,21 @@ class AsyncListenerPool(BasePool):  # type: ignore[misc]  # celery is untyped
             self._idle.clear()
             self._arrived.append(job)
             wake, self._wake_pending = not self._wake_pending, True
-        if wake:  # one wake-up of the loop thread for every job that arrives before it runs
+        if wake:  # one wake-up of the loop for all jobs that arrive before it runs
+            if self.loop is None:
+                raise RuntimeError("AsyncListenerPool got a task before it was started")
             self.loop.call_soon_threadsafe(self._start_arrived)
 
     def on_stop(self) -> None:
-        """Warm shutdown: the consumer stopped taking messages; let the tasks in flight finish."""
+        """Warm shutdown: the consumer stopped taking messages; let the tasks in flight finish.
+        The loop stays: the app's lifespan ends on it at ``worker_shutdown``, then closes it."""
         self._idle.wait()
-        self._stop_loop()
-        if not self.loop.is_closed():
-            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            self.loop.close()
         self._closed()
 
     def on_terminate(self) -> None:
         """Cold shutdown: stop now. The tasks in flight are not run on (nor acknowledged): their
         messages go back to the queue (``acks_late``)."""
-        self._stop_loop()
         self._closed()
-
-    def _stop_loop(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-        self._thread = None
 
     def _closed(self) -> None:
         if self._replaced_runners is not None:
@@ -200,10 +183,11 @@ class AsyncListenerPool(BasePool):  # type: ignore[misc]  # celery is untyped
             jobs, self._arrived = self._arrived, deque()
             self._wake_pending = False
         for job in jobs:
-            job.driver = self.loop.create_task(self._drive(job))
+            job.driver = asyncio.get_running_loop().create_task(self._drive(job))
 
     async def _drive(self, job: _Job) -> None:
-        assert self._slots is not None
+        if self._slots is None:  # made on the loop's thread, the first time it is needed
+            self._slots = asyncio.Semaphore(self.limit)
         try:
             async with self._slots:
                 self._arm_time_limits(job)
@@ -237,9 +221,9 @@ class AsyncListenerPool(BasePool):  # type: ignore[misc]  # celery is untyped
 
     def _arm_time_limits(self, job: _Job) -> None:
         if job.soft_timeout:
-            job.timers.append(self.loop.call_later(job.soft_timeout, self._soft_limit, job))
+            job.timers.append(asyncio.get_running_loop().call_later(job.soft_timeout, self._soft_limit, job))
         if job.timeout:
-            job.timers.append(self.loop.call_later(job.timeout, self._hard_limit, job))
+            job.timers.append(asyncio.get_running_loop().call_later(job.timeout, self._hard_limit, job))
 
     def _soft_limit(self, job: _Job) -> None:
         if job.settled:
@@ -308,7 +292,7 @@ def _await_listener(coro: Coroutine[Any, Any, T]) -> T:
     if not isinstance(current, _TaskGreenlet):
         return run_coroutine(coro)  # not inside the pool (a direct call): the old way
     job = current.job
-    loop = current.pool.loop
+    loop = asyncio.get_running_loop()  # the greenlet runs inside a task of the pool's loop
     listener = contextvars.copy_context().run(loop.create_task, coro)
     job.listener = listener
     if job.soft_expired:
@@ -330,4 +314,4 @@ def _call_sync_listener(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dic
         return fn(*args, **kwargs)
     call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
     pool = current.pool
-    return _await_in_loop(pool.loop.run_in_executor(pool.sync_executor, call))
+    return _await_in_loop(asyncio.get_running_loop().run_in_executor(pool.sync_executor, call))

@@ -172,6 +172,10 @@ def create_app() -> Litestar:
                     worker_lifespan=os.environ.get("WORKER_LIFESPAN", "1") != "0",
                     worker_on_startup=[worker_only_startup],
                     worker_on_shutdown=[worker_only_shutdown],
+                    # env ASYNC_CONCURRENCY: the asyncio pool (listeners on the same process loop)
+                    async_concurrency=int(os.environ["ASYNC_CONCURRENCY"])
+                    if os.environ.get("ASYNC_CONCURRENCY")
+                    else None,
                 )
             ),
             SQLAlchemyPlugin(config=alchemy),

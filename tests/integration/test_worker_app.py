@@ -113,16 +113,18 @@ def _pids(records: Path, name: str) -> set[int]:
     return {run["pid"] for run in runs_of(records, name)}
 
 
-@pytest.mark.parametrize("pool", list(POOLS))
+@pytest.mark.parametrize("pool", [*POOLS, "asyncio"])
 def test_listeners_use_what_the_apps_start_up_made_and_shutdown_runs_at_sigterm(
     pool: str, env: Callable[..., dict[str, str]], sqlite_url: str, tmp_path: Path
 ) -> None:
-    values = env(DB_URL=sqlite_url)
+    asyncio_pool = pool == "asyncio"  # async_concurrency=8 in the config, no pool flag
+    values = env(DB_URL=sqlite_url, ASYNC_CONCURRENCY="8" if asyncio_pool else "")
+    extra = ["--concurrency", "8"] if asyncio_pool else POOLS[pool]
     records = Path(values["RECORD_FILE"])
     calls = [(event, {arg: make(i)}) for event, (arg, make, _) in ROWS.items() for i in range(TIMES)]
     calls += [("order_placed", {"order_id": i, "amount": 10.0 * i}) for i in range(1, TIMES + 1)]
     calls += [("order_counted", {"label": f"n{i}"}) for i in range(TIMES)]
-    with celery_worker(values, tmp_path / "worker.log", queues=values["TEST_QUEUE"], extra=POOLS[pool]) as worker:
+    with celery_worker(values, tmp_path / "worker.log", queues=values["TEST_QUEUE"], extra=extra) as worker:
         _emit_all(calls)
         expected = [*ROWS, "save_order", "count_orders_sync"]
         wait_for(

@@ -20,7 +20,7 @@ from litestar_celery_events.runtime import invoke
 from litestar_celery_events.runtime.acks import MAX_ACK_BATCH, _BatchingAck, _PipelinedReserve
 from litestar_celery_events.runtime.aio_pool import AsyncListenerPool, _asked_for_prefork
 from litestar_celery_events.runtime.brpop import _EarlyBrpop
-from litestar_celery_events.runtime.event_loop import run_coroutine
+from litestar_celery_events.runtime.event_loop import close_loop, run_coroutine
 
 
 @pytest.fixture
@@ -30,6 +30,7 @@ def pool() -> Iterator[AsyncListenerPool]:
     yield made
     made.stop()
     assert invoke.run_async_listener is run_coroutine, "a stopped pool puts the plain runners back"
+    close_loop()
 
 
 class Outcome:
@@ -156,6 +157,7 @@ def test_warm_shutdown_waits_for_the_tasks_in_flight() -> None:
 
     outcome = _apply(made, lambda: invoke.run_async_listener(listener()))
     made.stop()
+    close_loop()
     assert outcome.results == ["done"]
 
 
