@@ -122,7 +122,8 @@ def _merged(previous: dict[str, Any], run: dict[str, Any], steps: list[str]) -> 
         if step in run["errors"]:
             merged.setdefault("errors", {})[step] = run["errors"][step]
     header = {k: run[k] for k in ("command", "started_at", "machine", "machine_end", "elapsed_s", "reps") if k in run}
-    merged["merged_runs"] = [*previous.get("merged_runs", []), {"steps": steps, **header}]
+    earlier = [run for run in previous.get("merged_runs", []) if not set(run["steps"]) <= set(steps)]
+    merged["merged_runs"] = [*earlier, {"steps": steps, **header}]
     return merged
 
 
