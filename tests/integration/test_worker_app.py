@@ -201,6 +201,8 @@ def test_a_start_up_longer_than_celerys_4s_child_timeout_is_waited_for(
     with celery_worker(values, tmp_path / "worker.log", queues=values["TEST_QUEUE"]) as worker:
         _emit_all([("uses_module_global", {"to": f"user{i}@example.com"}) for i in range(TIMES)])
         wait_for(lambda: len(runs_of(records, "uses_module_global")) >= TIMES, timeout=60, what="4 runs")
+        # Both children finish their 5 s start-up (on a loaded machine, after the 4 runs are done).
+        wait_for(lambda: len(_pids(records, "startup")) >= 2, timeout=60, what="both children's start-up")
     assert len(_pids(records, "startup")) == 2, worker.output()  # never killed and replaced
     assert "Timed out waiting for UP message" not in worker.output()
 
