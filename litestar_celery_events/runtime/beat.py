@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from datetime import time as wall_time
 from typing import TYPE_CHECKING, Any
 
 from celery.beat import ScheduleEntry, Scheduler
@@ -37,6 +38,11 @@ __all__ = ("AlignedInterval", "EventScheduler", "check_periodic_events", "instal
 logger = logging.getLogger("litestar_celery_events.scheduler")
 
 DEFAULT_BEAT_SCHEDULER = "celery.beat.PersistentScheduler"
+
+# The longest wait for a date that does come is 40 years (29 February on a given weekday, across
+# 2100); a search longer than that which finds no day means the fields never match (Celery 5.4
+# accepts a crontab on 30 February).
+CRONTAB_SEARCH_DAYS = 366 * 41
 
 
 class AlignedInterval(celery_schedule):  # type: ignore[misc]  # celery is untyped here
@@ -65,8 +71,30 @@ def tick_slot(entry: ScheduleEntry) -> float:
     sched = entry.schedule
     if isinstance(sched, AlignedInterval):
         return sched.slot()
-    last, delta, _ = sched.remaining_delta(entry.last_run_at)
-    return float((last + delta).timestamp())
+    return next_crontab_tick(sched, entry.last_run_at).timestamp()
+
+
+def next_crontab_tick(sched: crontab, after: datetime) -> datetime:
+    """The first minute after ``after`` that ``sched``'s fields match, read in its timezone.
+
+    Computed from the fields rather than with ``crontab.remaining_delta``, whose answer depends on
+    the Celery version: 5.4 matches the fields in ``after``'s own timezone (UTC from the store) and
+    skips ticks when ``after`` is not today.
+    """
+    tz = sched.tz
+    start = sched.maybe_make_aware(after).astimezone(tz).replace(tzinfo=None, second=0, microsecond=0)
+    hours, minutes = sorted(sched.hour), sorted(sched.minute)
+    day = start.date()
+    for _ in range(CRONTAB_SEARCH_DAYS):
+        weekday = day.isoweekday() % 7  # Celery counts Sunday as 0
+        if day.month in sched.month_of_year and day.day in sched.day_of_month and weekday in sched.day_of_week:
+            for hour in hours:
+                for minute in minutes:
+                    wall = datetime.combine(day, wall_time(hour, minute))
+                    if wall > start:
+                        return wall.replace(tzinfo=tz)
+        day += timedelta(days=1)
+    raise ValueError(f"{sched!r} matches no date: check its day_of_month and month_of_year")
 
 
 def check_periodic_events(emitter: CeleryEventEmitter) -> None:
