@@ -11,8 +11,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+import celery
 from celery import Task
+from celery.exceptions import TimeLimitExceeded
 from celery.utils.time import get_exponential_backoff_interval
+from celery.worker import state as worker_state
+from celery.worker.request import Request
 
 from litestar_celery_events.contract.message import DUE_AT_HEADER, EMITTED_AT_HEADER, EVENT_HEADER, LISTENERS_HEADER
 from litestar_celery_events.contract.payloads import PayloadDecodeError
@@ -40,6 +44,9 @@ AT_LEAST_ONCE = {"acks_late": True, "reject_on_worker_lost": True, "ignore_resul
 
 PERMANENT_ERRORS = (ListenerSignatureError, PayloadDecodeError)
 """The arguments do not fit the listener (its signature or a typed parameter): never retried."""
+
+CELERY_REPORTS_HARD_TIME_LIMITS = celery.VERSION >= (5, 7)
+"""Celery 5.7 calls ``Task.on_failure`` when a hard time limit kills a task; earlier versions do not."""
 
 
 def first_retry_countdown(options: Mapping[str, Any]) -> float:
@@ -82,12 +89,24 @@ def _failure(
     )
 
 
+class ListenerRequest(Request):  # type: ignore[misc]
+    """A listener task's request: a hard time limit is a failure record on every supported Celery."""
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        super().on_timeout(soft, timeout)
+        # Before 5.7 Celery only logs the kill and tells the result backend (none here): without
+        # this the listener would vanish from the failed store. Not during a cold shutdown (as 5.7).
+        if not soft and not CELERY_REPORTS_HARD_TIME_LIMITS and not worker_state.should_terminate:
+            self.task.on_failure(TimeLimitExceeded(timeout), self.id, self.args, self.kwargs, None)
+
+
 class ListenerTask(Task):  # type: ignore[misc]
     """A listener run as a task of its own; Celery's autoretry does the retrying."""
 
     spec: ListenerSpec
     event_id: str
     dont_autoretry_for = PERMANENT_ERRORS
+    Request = ListenerRequest
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         attempts = self.request.retries + 1
