@@ -29,6 +29,18 @@ os.environ.setdefault("TEST_QUEUE", f"events-{SESSION_TAG}")
 os.environ.setdefault("ROUTED_QUEUE", f"mail-{SESSION_TAG}")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``redis`` every integration test whose only broker is Redis (``make test-lowest`` runs them)."""
+    for item in items:
+        if item.get_closest_marker("integration") is None:
+            continue
+        params = getattr(item, "callspec", None)
+        broker = params.params.get("broker_url") if params is not None else None
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if (broker == "redis" or "redis_url" in fixtures) and broker != "amqp" and "amqp_url" not in fixtures:
+            item.add_marker(pytest.mark.redis)
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()

@@ -15,12 +15,16 @@ from typing import Any
 
 from celery import signals
 from litestar import Litestar, Request, post
-from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
 from litestar_celery_events import CeleryEventsConfig, CeleryEventsPlugin, RetryPolicy, listener
+
+try:
+    from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+except ImportError:  # Litestar 2.12 (the lowest supported) has it under contrib only
+    from litestar.contrib.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 
 logger = logging.getLogger("tests.apps.traced")
 
