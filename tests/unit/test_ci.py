@@ -3,10 +3,12 @@ tests use, and the lowest-versions run installs exactly the floors pyproject.tom
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -19,6 +21,8 @@ except ModuleNotFoundError:  # Python 3.10, the lowest supported: pytest itself 
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW: dict[Any, Any] = yaml.safe_load((ROOT / ".github" / "workflows" / "ci.yml").read_text())
+WORKFLOW["on"] = WORKFLOW.pop(True)  # YAML 1.1 reads the key `on` as a boolean; GitHub reads it as "on"
+WORKFLOW_SCHEMA = json.loads((ROOT / "tests" / "ci" / "github-workflow.json").read_text())
 JOBS: dict[str, dict[str, Any]] = WORKFLOW["jobs"]
 PROJECT: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 LOWEST_PINS = ROOT / "ci" / "lowest-versions.txt"
@@ -56,6 +60,14 @@ def _lowest_pins() -> dict[str, Version]:
             name, version = pin.split("==")
             pins[canonicalize_name(name.split("[")[0])] = Version(version)
     return pins
+
+
+def test_the_workflow_is_valid_under_the_github_workflow_schema() -> None:
+    validator = jsonschema.Draft7Validator(WORKFLOW_SCHEMA)
+    errors = sorted(validator.iter_errors(WORKFLOW), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors)
+    broken = {**WORKFLOW, "jobs": {"test": {**JOBS["test"], "runs_on": "ubuntu-24.04"}}}
+    assert not validator.is_valid(broken)
 
 
 def test_the_github_test_job_runs_the_command_ci_run_and_the_readme_give() -> None:
