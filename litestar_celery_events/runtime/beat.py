@@ -78,7 +78,7 @@ def next_crontab_tick(sched: crontab, after: datetime) -> datetime:
     """The first minute after ``after`` that ``sched``'s fields match, read in its timezone.
 
     Computed from the fields rather than with ``crontab.remaining_delta``, whose answer depends on
-    the Celery version: 5.4 matches the fields in ``after``'s own timezone (UTC from the store) and
+    the Celery version: 5.4 matches the fields in ``after``'s own timezone, not the schedule's, and
     skips ticks when ``after`` is not today.
     """
     tz = sched.tz

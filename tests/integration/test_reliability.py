@@ -335,6 +335,7 @@ def test_bad_input_reaching_a_worker_has_a_defined_outcome(
     assert hung["exc_type"].endswith("TimeLimitExceeded")
     assert hung["listener"] == "tests.apps.reliability.hangs"
     assert hung["event_id"] == "hang"
+    assert hung["kwargs"] == {"seconds": 30}, "a replay needs the arguments"
     assert not runs_of(records, "hangs:done")
     assert len(runs_of(records, "hangs:start")) == 1, "a hard time limit is not retried"
     assert [r for r in store.records() if r["event_id"] == "returns"] == []
