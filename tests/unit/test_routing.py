@@ -74,9 +74,10 @@ def _app(settings: dict[str, Any]) -> Celery:
 
 
 def _celery_choice(app: Celery, captured: list[dict[str, Any]], name: str, **options: Any) -> tuple[Any, ...]:
-    app.task(name=name, shared=False, **options)(_noop)
-    app.finalize()  # registered now, as in a worker: send_task applies the task's own options
-    app.send_task(name, kwargs={"n": 1})
+    task = app.task(name=name, shared=False, **options)(_noop)
+    app.finalize()  # registered now, as in a worker
+    # apply_async applies the task's own options on every supported Celery; send_task does not on 5.4.
+    task.apply_async(kwargs={"n": 1})
     sent = captured.pop()
     exchange = sent["exchange"]
     return (
