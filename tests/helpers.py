@@ -8,14 +8,16 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from kombu import Connection
 
 from harness import ROOT, LoggedProcess, free_port, http_get, http_up, port_open, redis_server_binary, wait_for
 
 __all__ = (
+    "HAS_NAMED_DEPENDENCY",
     "ROOT",
+    "NamedDependency",
     "amqp_queue_exists",
     "delete_delay_levels",
     "CeleryProcess",
@@ -34,6 +36,16 @@ __all__ = (
 
 if TYPE_CHECKING:
     from litestar_celery_events.transports.amqp_delay import DelayLevels
+
+T = TypeVar("T")
+
+try:
+    from litestar.di import NamedDependency
+
+    HAS_NAMED_DEPENDENCY = True
+except ImportError:  # Litestar before 2.23 (2.12 is the lowest supported): a parameter a layer provides needs no mark
+    NamedDependency = Annotated[T, "unmarked"]  # type: ignore[misc]
+    HAS_NAMED_DEPENDENCY = False
 
 
 def amqp_queue_exists(amqp_url: str, queue: str) -> bool:

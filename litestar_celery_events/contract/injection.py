@@ -17,11 +17,17 @@ from typing import Any
 
 from litestar import Litestar
 from litestar.datastructures import ImmutableState
-from litestar.di import Dependency as NamedDependencyMarker
 from litestar.di import Provide
 from litestar.exceptions import ImproperlyConfiguredException
 from litestar.params import DependencyKwarg
 from litestar.types import Empty
+
+try:
+    from litestar.di import Dependency as NamedDependencyMarker
+
+    NAMED_DEPENDENCY_MARKERS: tuple[type, ...] = (NamedDependencyMarker,)
+except ImportError:  # Litestar 2.12 (the lowest supported) has no NamedDependency[T] to mark a parameter with
+    NAMED_DEPENDENCY_MARKERS = ()
 
 __all__ = ("BUILTIN_INJECTIONS", "Injection", "as_provider", "injection_of")
 
@@ -56,7 +62,7 @@ def _marked(param: inspect.Parameter, hint: Any) -> bool:
     if isinstance(param.default, DependencyKwarg):
         return True
     metadata = getattr(hint, "__metadata__", ())
-    return any(isinstance(item, NamedDependencyMarker) for item in metadata)
+    return any(isinstance(item, NAMED_DEPENDENCY_MARKERS) for item in metadata)
 
 
 def _builtin(param: inspect.Parameter, hint: Any) -> bool:

@@ -156,12 +156,21 @@ class ListenerInjector:
 
 async def _close(cleanup: DependencyCleanupGroup, exc: BaseException | None) -> None:
     if exc is None:
-        await cleanup.close()
+        await _end_generators(cleanup, None)
         return
     try:
-        await cleanup.close(exc)
+        await _end_generators(cleanup, exc)
     except Exception:  # the listener's own error is the one that counts
         logger.exception("cleaning up the dependencies of a failed listener call failed too")
+
+
+async def _end_generators(cleanup: DependencyCleanupGroup, exc: BaseException | None) -> None:
+    """Resume each generator dependency after the call, or throw the call's error into it."""
+    if hasattr(cleanup, "close"):
+        await cleanup.close(exc)
+        return
+    older: Any = cleanup  # Litestar before close() (2.12, the lowest supported): cleanup() and throw(exc)
+    await (older.cleanup() if exc is None else older.throw(exc))
 
 
 def _autocommit_scope_keys(app: Litestar) -> list[str]:

@@ -11,13 +11,15 @@ from typing import Any
 import pytest
 from litestar import Litestar, Request
 from litestar.datastructures import State
-from litestar.di import NamedDependency, Provide
+from litestar.di import Provide
 from litestar.exceptions import ImproperlyConfiguredException
+from litestar.params import Dependency
 
 from litestar_celery_events import CeleryEventsConfig, CeleryEventsPlugin, ListenerSignatureError, listener
 from litestar_celery_events.runtime.app import create_worker_app
 from litestar_celery_events.runtime.event_loop import process_loop, run_coroutine
 from litestar_celery_events.testing import fake_events, inline_events
+from tests.helpers import HAS_NAMED_DEPENDENCY, NamedDependency
 
 
 @dataclass
@@ -74,11 +76,25 @@ def test_a_parameter_named_state_that_is_not_litestars_state_is_emitted() -> Non
     events.assert_emitted("status_changed", state="shipped")
 
 
-def test_a_dependency_no_layer_provides_fails_at_emit_and_at_worker_start_naming_listener_and_parameter() -> None:
+def _unprovided_listener() -> Any:
+    """A listener with a parameter marked as a dependency, as the installed Litestar marks one."""
+    if HAS_NAMED_DEPENDENCY:  # Litestar 2.23+, where Dependency() is deprecated
+
+        @listener("report_due")
+        async def build_report(day: str, db_session: NamedDependency[Any]) -> None:
+            return None
+
+        return build_report
+
     @listener("report_due")
-    async def build_report(day: str, db_session: NamedDependency[Any]) -> None:
+    async def build_report(day: str, db_session: Any = Dependency()) -> None:  # noqa: B008 - how Litestar marks one
         return None
 
+    return build_report
+
+
+def test_a_dependency_no_layer_provides_fails_at_emit_and_at_worker_start_naming_listener_and_parameter() -> None:
+    build_report = _unprovided_listener()
     app = _app(build_report)
     message = r"listener .*build_report asks for dependency 'db_session', which no layer provides"
     with fake_events(app), pytest.raises(ListenerSignatureError, match=message):
