@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from celery import current_task
 from litestar import Litestar
 
 from harness import free_port, redis_server_binary
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LEDGER_ENV = "SOAK_LEDGER_URL"
 FAIL_RATE_ENV = "SOAK_FAIL_RATE"
 SUCCEEDED_KEY = "soak:succeeded"
+TRACE_KEY = "soak:trace"
 CALLS_KEY = "soak:calls"
 INJECTED_KEY = "soak:injected_failures"
 VISIBILITY_TIMEOUT_S = 15
@@ -59,7 +61,12 @@ class InjectedFailure(RuntimeError):
 def soak_listener(n: int) -> None:
     client = _ledger_client()
     client.incr(CALLS_KEY)
-    if random.random() < float(os.environ.get(FAIL_RATE_ENV, "0.1")):
+    failing = random.random() < float(os.environ.get(FAIL_RATE_ENV, "0.1"))
+    # Every call, for the post-mortem of a lost or duplicated event: which task, attempt, process, when.
+    request = current_task.request
+    outcome = "fail" if failing else "ok"
+    client.rpush(TRACE_KEY, f"{n}|{request.id}|{request.retries}|{outcome}|{os.getpid()}|{time.time():.3f}")
+    if failing:
         client.incr(INJECTED_KEY)
         raise InjectedFailure(f"injected failure for event {n}")
     client.hincrby(SUCCEEDED_KEY, str(n), 1)
@@ -138,6 +145,7 @@ def _ledger_of(
         "succeeded": len(runs),
         "in_failed_store": len(failed),
         "lost": len(set(range(emitted)) - accounted),
+        "lost_events": sorted(set(range(emitted)) - accounted)[:30],
         "duplicated": sum(v - 1 for v in runs.values() if v > 1),
         "duplicated_events": sorted(n for n, v in runs.items() if v > 1)[:30],
         "both_succeeded_and_failed": len(set(runs) & set(failed)),
@@ -145,6 +153,25 @@ def _ledger_of(
         "injected_failures": int(client.get(INJECTED_KEY) or 0),
         "unacked_in_broker": int(broker.hlen("unacked")),
     }
+
+
+def _post_mortem(client: redis.Redis, ledger: dict[str, Any], emission_ids: list[str], faults: list[str]) -> None:
+    """For each lost or duplicated event: its emission id and every listener call it got."""
+    wanted = set(ledger["lost_events"]) | set(ledger["duplicated_events"])
+    if not wanted:
+        return
+    calls: dict[int, list[str]] = {n: [] for n in wanted}
+    for raw in client.lrange(TRACE_KEY, 0, -1):
+        n, task_id, retries, outcome, pid, at = raw.decode().split("|")
+        if int(n) in calls:
+            clock = time.strftime("%H:%M:%S", time.localtime(float(at))) + at[at.index(".") :]
+            calls[int(n)].append(f"{clock} pid {pid} task {task_id} retries={retries} {outcome}")
+    _log("faults: " + "; ".join(faults))
+    for kind in ("lost", "duplicated"):
+        for n in ledger[f"{kind}_events"]:
+            _log(f"{kind} event n={n} emission {emission_ids[n]}: {len(calls[n])} listener call(s)")
+            for line in calls[n]:
+                _log(f"    {line}")
 
 
 def main() -> None:  # noqa: PLR0915 - a script that reads top to bottom
@@ -202,8 +229,10 @@ def main() -> None:  # noqa: PLR0915 - a script that reads top to bottom
         n_total * 7 // 10: "kill",
     }
     fault_threads: list[threading.Thread] = []
+    fault_log: list[str] = []
 
     def fault(kind: str) -> None:
+        fault_log.append(f"{kind} at {time.strftime('%H:%M:%S')}.{int(time.time() % 1 * 1000):03d}")
         if kind == "restart":
             _log("fault: graceful worker restart (SIGTERM, start)")
             worker.stop(signal.SIGTERM)
@@ -219,12 +248,14 @@ def main() -> None:  # noqa: PLR0915 - a script that reads top to bottom
     with TestClient(app):
         pace = options.emit_seconds / max(1, n_total)
         emit_started = time.monotonic()
+        enqueue = app.event_emitter.enqueue  # type: ignore[attr-defined]
+        emission_ids: list[str] = []
         for n in range(n_total):
             if n in faults:
                 thread = threading.Thread(target=fault, args=(faults[n],))
                 thread.start()
                 fault_threads.append(thread)
-            app.emit("soak", n=n)
+            emission_ids.append(enqueue("soak", n=n))
             lag = emit_started + n * pace - time.monotonic()
             if lag > 0.002:
                 time.sleep(lag)
@@ -247,6 +278,7 @@ def main() -> None:  # noqa: PLR0915 - a script that reads top to bottom
             break  # nothing moves any more: what is missing is lost
         time.sleep(1)
     worker.stop()
+    _post_mortem(ledger, last, emission_ids, fault_log)
     result = {
         **last,
         "worker_starts": worker.starts,

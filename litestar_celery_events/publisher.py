@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from litestar_celery_events.stores.spool import Spool
     from litestar_celery_events.transports.routing import Route
 
-__all__ = ("Publisher",)
+__all__ = ("Publisher", "PublisherCounts")
 
 logger = logging.getLogger("litestar_celery_events.publisher")
 
@@ -44,6 +45,24 @@ MIN_PUBLISH_INTERVAL_S = 0.002
 MAX_PUBLISH_INTERVAL_S = 0.02
 """Under a steady stream of events, round trips are 2 ms (one event per batch) to 20 ms apart, so
 each carries a batch: a round trip costs ~100x the CPU of adding one message to it."""
+
+
+@dataclass(frozen=True)
+class PublisherCounts:
+    """Where every event handed to a publisher is (``add_up``). Exact while the publisher is idle or stopped."""
+
+    emitted: int  # accepted by ``emit`` (it returned without raising)
+    adopted: int  # taken over from the spool files of a dead process with the same ``data_dir``
+    published: int  # taken by the broker: Redis replied, RabbitMQ confirmed (publisher confirms)
+    waiting: int  # in memory, in flight (sent, not yet confirmed) or in this process's spool
+    refused: int  # never taken by the broker (too big): in the failed-events store
+    dropped: int  # by ``buffer_full_policy``/``spool_full_policy="drop_oldest"`` (each logged)
+    lost: int  # unpublished at shutdown and not kept in a spool (logged with their event ids)
+
+    @property
+    def add_up(self) -> bool:
+        accounted = self.published + self.waiting + self.refused + self.dropped + self.lost
+        return self.emitted + self.adopted == accounted
 
 
 class Publisher:
@@ -76,10 +95,13 @@ class Publisher:
         self._thread: threading.Thread | None = None
         self._in_flight: list[Emission] = []
         self._flush_deadline_passed = False
+        self._count_lock = threading.Lock()  # emit may run on several threads (sync handlers)
+        self.emitted = 0
+        self.adopted = 0
         self.published = 0
-        self.dropped = 0
-        self.refused = 0
-        """Events the broker would never take (too big): recorded in the failed-events store."""
+        self.refused = 0  # the broker would never take them (too big): in the failed-events store
+        self.lost = 0
+        self._dropped_from_memory = 0
         self.spool: Spool | None = None
         if config.spool:
             from litestar_celery_events.stores.spool import Spool
@@ -101,6 +123,29 @@ class Publisher:
         return 0 if self.spool is None else self.spool.depth
 
     @property
+    def dropped(self) -> int:
+        """Events dropped by a ``drop_oldest`` policy (memory buffer and spool)."""
+        return self._dropped_from_memory + (0 if self.spool is None else self.spool.dropped)
+
+    @property
+    def waiting(self) -> int:
+        """Events not yet taken by the broker: buffered, in flight, or in the spool."""
+        # A stalled batch is in the spool and in flight at once: count it once.
+        in_flight = 0 if self._spooled_in_flight else len(self._in_flight)
+        return len(self._buffer) + in_flight + self.spooled
+
+    def counts(self) -> PublisherCounts:
+        return PublisherCounts(
+            emitted=self.emitted,
+            adopted=self.adopted,
+            published=self.published,
+            waiting=self.waiting,
+            refused=self.refused,
+            dropped=self.dropped,
+            lost=self.lost,
+        )
+
+    @property
     def running(self) -> bool:
         return self._thread is not None and not self._stopping
 
@@ -111,17 +156,24 @@ class Publisher:
             # A forked child (a Celery pool process): the parent publishes what it buffered, and the
             # parent's broker connection is left alone (closing it here could close it for both).
             self._buffer.clear()
+            self.emitted = self.adopted = self.published = self.lost = self.refused = self._dropped_from_memory = 0
             if self._owns_transport:
                 self._transport = transport_for(self._celery_app, self._task_options)
             self._pid = os.getpid()
         if self.spool is not None:
-            self.spool.adopt_orphans()  # what a dead process left on disk goes out first
+            before = self.spool.depth
+            self.adopted += self.spool.adopt_orphans() - before  # what a dead process left goes out first
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="celery-events-publisher", daemon=True)
         self._thread.start()
 
     def submit(self, emission: Emission) -> None:
         """Hand ``emission`` to the publisher thread (no network I/O on the caller's thread)."""
+        self._accept(emission)
+        with self._count_lock:
+            self.emitted += 1
+
+    def _accept(self, emission: Emission) -> None:
         spool = self.spool
         if spool is not None and spool.active:  # the broker is away: on disk before emit returns
             spool.put_or_raise(emission)
@@ -152,12 +204,13 @@ class Publisher:
                 f"({self._broker}); raise max_buffered_events or check the broker"
             )
         lost = self._buffer.popleft()
-        self.dropped += 1
+        with self._count_lock:
+            self._dropped_from_memory += 1
         logger.error(
             "publisher buffer full: dropped oldest event %r (emission %s); %d dropped so far",
             lost.event_id,
             lost.emission_id,
-            self.dropped,
+            self._dropped_from_memory,
         )
 
     def stop(self, timeout_s: float | None = None) -> int:
@@ -178,6 +231,8 @@ class Publisher:
         self._wakeup.set()
         thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
         unpublished = list(self._buffer) + (self._in_flight if thread.is_alive() else [])
+        self._buffer.clear()  # now counted as spooled or lost, not waiting
+        self._in_flight = []
         self._thread = None
         if spool is not None:
             refused = spool.put(unpublished) if unpublished else []
@@ -192,6 +247,7 @@ class Publisher:
                 )
             unpublished = refused
         left = len(unpublished)
+        self.lost += left
         if left:
             logger.error(
                 "%d emitted event(s) could not be published to %s before shutdown and are lost: %s",

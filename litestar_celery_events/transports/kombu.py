@@ -1,4 +1,10 @@
-"""Publishes emissions as Celery protocol v2 messages through kombu (any broker Celery supports)."""
+"""Publishes emissions as Celery protocol v2 messages through kombu (any broker Celery supports).
+
+On RabbitMQ (py-amqp) a message counts as sent only once the broker confirmed it (publisher
+confirms): a batch is written in one go (``amqp_frames``: the bytes kombu would write), then the
+confirms are awaited together, so a connection the broker closes mid-stream never swallows
+events that were merely written to a socket.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +22,9 @@ from litestar_celery_events.contract.message import (
     task_headers,
 )
 from litestar_celery_events.transports.amqp_delay import DelayLevels, delay_routing_key, seconds_until
+from litestar_celery_events.transports.amqp_frames import publish_frames
 from litestar_celery_events.transports.base import origin_nodename
+from litestar_celery_events.transports.confirms import Confirms, PublishNotConfirmedError
 from litestar_celery_events.transports.routing import EventRouter, route_all
 
 if TYPE_CHECKING:
@@ -27,7 +35,10 @@ if TYPE_CHECKING:
 
     from litestar_celery_events.transports.routing import Destination, Route
 
-__all__ = ("KombuTransport",)
+__all__ = ("CONNECTION_NAME_PREFIX", "KombuTransport")
+
+CONNECTION_NAME_PREFIX = "litestar-celery-events publisher"
+"""The publisher's AMQP ``connection_name`` (``rabbitmqctl list_connections client_properties``)."""
 
 
 class KombuTransport:
@@ -46,8 +57,10 @@ class KombuTransport:
         self._app = celery_app
         self.route: Route = route or EventRouter(celery_app, task_options)
         self._origin = origin_nodename()
+        self.connection_name = f"{CONNECTION_NAME_PREFIX} {self._origin}"
         self._connection: Connection | None = None
         self._producer: Producer | None = None
+        self._confirms: Confirms | None = None
         self._declared: set[str] = set()
         # RabbitMQ: delayed emissions wait in the delay levels, not in a worker (Celery's ETA).
         self._delays = DelayLevels.of(celery_app) if is_amqp_url(celery_app.conf.broker_url) else None
@@ -55,19 +68,34 @@ class KombuTransport:
 
     def _ensure_producer(self) -> Producer:
         if self._producer is None:
-            connection = self._app.connection_for_write()
+            connection = self._app.connection_for_write(transport_options=self._transport_options())
             connection.ensure_connection(max_retries=1)
             self._connection = connection
-            self._producer = Producer(connection.default_channel, serializer="json")
+            channel = connection.default_channel
+            # py-amqp channels (RabbitMQ) confirm; others (filesystem, SQS, ...) publish as kombu does.
+            self._confirms = Confirms(channel) if hasattr(channel, "confirm_select") else None
+            self._producer = Producer(channel, serializer="json")
             self._declared.clear()
             self._delays_ready.clear()
         return self._producer
 
+    def _transport_options(self) -> dict[str, Any]:
+        options = dict(self._app.conf.broker_transport_options or {})
+        # Our confirms are awaited per batch: kombu's own option would wait once per message.
+        options["confirm_publish"] = False
+        options["client_properties"] = {"connection_name": self.connection_name, **options.get("client_properties", {})}
+        return options
+
     def publish(self, batch: list[Emission], done: list[int]) -> None:
-        """Publish ``batch`` in order; ``done[0]`` counts those sent (kept correct if this raises)."""
+        """Publish ``batch`` in order; ``done[0]`` counts those the broker took (kept correct if this raises).
+
+        On RabbitMQ that is the confirmed prefix of the batch: what follows it is sent again.
+        """
         producer = self._ensure_producer()
         destinations, unroutable = route_all(self.route, batch)
-        if len(destinations) > 1 and getattr(producer, "supports_batch_publish", False):
+        if self._confirms is not None:
+            self._publish_confirmed(producer, self._confirms, batch[: len(destinations)], destinations, done)
+        elif len(destinations) > 1 and getattr(producer, "supports_batch_publish", False):
             with producer.batch(max_size=len(destinations)):
                 for emission, destination in zip(batch, destinations, strict=False):
                     self.publish_to(producer, emission, destination)
@@ -83,14 +111,70 @@ class KombuTransport:
         """One message to an already resolved destination (the Redis transport's route to kombu)."""
         self.publish_to(self._ensure_producer(), emission, destination)
 
-    def publish_to(self, producer: Producer, emission: Emission, destination: Destination) -> None:
-        declare = [queue for queue in destination.declare if queue.name not in self._declared]
+    def _publish_confirmed(
+        self,
+        producer: Producer,
+        confirms: Confirms,
+        batch: list[Emission],
+        destinations: list[Destination],
+        done: list[int],
+    ) -> None:
+        first = confirms.sent + 1
+        try:
+            self._write_batch(producer, batch, destinations)
+            confirms.sent += len(batch)
+            assert self._connection is not None  # set with the producer
+            confirms.wait(self._connection, confirms.sent)
+        finally:
+            done[0] = confirms.confirmed_prefix(first, confirms.sent)
+        if done[0] < len(batch):
+            raise PublishNotConfirmedError(
+                f"the broker refused {len(batch) - done[0]} of {len(batch)} message(s) (basic.nack); sending them again"
+            )
+
+    def _prepare(self, producer: Producer, emission: Emission, destination: Destination) -> tuple[str, str, Any]:
+        """Exchange, routing key and headers of ``emission``: what both publish paths send."""
         exchange, routing_key = destination.exchange, destination.routing_key
         headers = task_headers(emission, self._origin)
         # The delay levels end in one queue by name: a route through an exchange that fans out keeps
         # Celery's eta instead, as send_task's countdown does.
         if emission.eta is not None and self._delays is not None and exchange == "" and destination.declare:
             exchange, routing_key = self._delayed_route(producer, emission.eta, destination, headers)
+        return exchange, routing_key, headers
+
+    def _write_batch(self, producer: Producer, batch: list[Emission], destinations: list[Destination]) -> None:
+        """Every message of ``batch`` in one socket write (py-amqp writes one per message)."""
+        channel = producer.channel
+        connection = channel.connection  # py-amqp's, None once the broker closed it
+        if connection is None:
+            raise ConnectionError("the broker closed the channel")
+        frames: list[bytes] = []
+        for emission, destination in zip(batch, destinations, strict=True):
+            declare = [queue for queue in destination.declare if queue.name not in self._declared]
+            for queue in declare:
+                producer.maybe_declare(queue)
+            self._declared.update(queue.name for queue in declare)
+            exchange, routing_key, headers = self._prepare(producer, emission, destination)
+            frames.append(
+                publish_frames(
+                    channel.channel_id,
+                    connection.frame_max,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    priority=destination.priority,
+                    body=emission.body,
+                    headers=headers,
+                    content_type=CONTENT_TYPE,
+                    content_encoding=CONTENT_ENCODING,
+                    correlation_id=emission.emission_id,
+                )
+            )
+        connection.transport.write(b"".join(frames))
+        connection.bytes_sent += 1  # py-amqp's heartbeat check reads it: we sent something
+
+    def publish_to(self, producer: Producer, emission: Emission, destination: Destination) -> None:
+        declare = [queue for queue in destination.declare if queue.name not in self._declared]
+        exchange, routing_key, headers = self._prepare(producer, emission, destination)
         producer.publish(
             emission.body,
             exchange=exchange,
@@ -149,3 +233,4 @@ class KombuTransport:
                 self._connection.release()
         self._connection = None
         self._producer = None
+        self._confirms = None
