@@ -21,6 +21,7 @@ from litestar_celery_events.runtime.hostile import record_refused_messages
 from litestar_celery_events.runtime.ledger import run_once_for
 from litestar_celery_events.runtime.lifespan import install_worker_lifespan
 from litestar_celery_events.runtime.observability import install_worker_observability
+from litestar_celery_events.runtime.redis_fetch import use_reliable_fetch
 from litestar_celery_events.runtime.tasks import register_event_tasks
 from litestar_celery_events.stores.failed import failed_store_for
 
@@ -58,6 +59,7 @@ def create_worker_app(litestar_app: Litestar | str | None = None) -> Celery:
     if unresolved:
         raise ImproperlyConfiguredException("; ".join(unresolved))
     prepare_injectors(app, emitter.registry)  # a dependency a listener call cannot get fails here
+    use_reliable_fetch(celery_app)
     listener_scope = install_worker_observability(celery_app, emitter.config)
     run_once = run_once_for(emitter, celery_app)
     register_event_tasks(celery_app, emitter.registry, emitter.config, listener_scope, run_once)

@@ -1,0 +1,144 @@
+"""The worker's Redis transport: kombu's, except that taking a message also records it as unacknowledged.
+
+kombu's Redis channel takes a message with ``BRPOP`` and only then records it in its ``unacked``
+hash: a worker whose main process dies in between (SIGKILL, the OOM killer, a lost machine) loses
+that message for good, whatever ``acks_late`` says (celery/celery#1392; the soak lost one event in
+about a third of its whole-worker SIGKILLs). Here one Lua script takes the next message of the
+channel's queues, in ``BRPOP``'s order, and records it in ``unacked`` in the same step, so a
+message is always either in its queue or in ``unacked``, from where kombu restores it after
+``visibility_timeout``. While the queues are empty the channel waits with ``BLMOVE q q RIGHT
+RIGHT`` on its first queue (a wait that takes nothing) for up to ``IDLE_WAIT_S``, then looks at
+every queue again. Needs Redis >= 6.2 (``BLMOVE``); on an older server the channel is kombu's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.utils.json import loads
+
+from litestar_celery_events.brokers import is_redis_url
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ("IDLE_WAIT_S", "RELIABLE_REDIS_TRANSPORT", "Transport", "use_reliable_fetch")
+
+RELIABLE_REDIS_TRANSPORT = "litestar_celery_events.runtime.redis_fetch:Transport"
+"""The ``broker_transport`` the worker sets for a ``redis://``/``rediss://`` broker."""
+IDLE_WAIT_S = 0.1
+"""An idle worker sees a message on its first queue at once, on its other queues (or priority
+levels) within this long."""
+
+# KEYS: the queue keys in BRPOP order, then the unacked hash and its index. ARGV: the queue name
+# of each key, then the time. Returns {queue name, message} or nil. Records what kombu's
+# QoS.append would: unacked[tag] = [message, exchange, routing key], unacked_index[tag] = time.
+# A message that is not kombu's JSON is returned unrecorded (kombu's own channel loses it too).
+_TAKE = """
+local queues = #KEYS - 2
+for i = 1, queues do
+  local payload = redis.call('RPOP', KEYS[i])
+  if payload then
+    local ok, message = pcall(cjson.decode, payload)
+    local properties = ok and type(message) == 'table' and message['properties']
+    local tag = type(properties) == 'table' and properties['delivery_tag']
+    if type(tag) == 'string' then
+      local delivery = type(properties['delivery_info']) == 'table' and properties['delivery_info'] or {}
+      redis.call('ZADD', KEYS[queues + 2], ARGV[queues + 1], tag)
+      redis.call('HSET', KEYS[queues + 1], tag,
+        '[' .. payload .. ',' .. cjson.encode(delivery['exchange'] or '') .. ','
+        .. cjson.encode(delivery['routing_key'] or '') .. ']')
+    end
+    return {ARGV[i], payload}
+  end
+end
+return false
+"""
+
+
+def use_reliable_fetch(celery_app: Celery) -> None:
+    """A worker on a Redis broker takes messages with this module's channel (unless a transport is set)."""
+    if is_redis_url(celery_app.conf.broker_url) and not celery_app.conf.broker_transport:
+        celery_app.conf.broker_transport = RELIABLE_REDIS_TRANSPORT
+
+
+class QoS(kombu_redis.QoS):  # type: ignore[misc]  # kombu is untyped
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        if self.channel.took_recorded(delivery_tag):  # the Lua script recorded it already
+            kombu_redis.virtual.QoS.append(self, message, delivery_tag)
+        else:
+            super().append(message, delivery_tag)
+
+
+class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
+    QoS = QoS
+
+    _reliable: bool | None = None
+    _waiting = False  # the command in flight is the idle wait (BLMOVE), not the take script
+    _recorded: set[Any]
+
+    def took_recorded(self, delivery_tag: Any) -> bool:
+        recorded = self.__dict__.get("_recorded")
+        if recorded is None or delivery_tag not in recorded:
+            return False
+        recorded.discard(delivery_tag)
+        return True
+
+    def _is_reliable(self) -> bool:
+        if self._reliable is None:
+            version = str(self.client.info("server").get("redis_version", "0"))
+            self._reliable = tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) >= (6, 2)
+            self._recorded = set()
+        return self._reliable
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        if not self._is_reliable():
+            super()._brpop_start(timeout)
+            return
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        prefix = self.global_keyprefix
+        connection = self.client.connection
+        self._in_poll = connection
+        self._brpop_sent_at = time.monotonic()
+        if self._waiting:
+            first = prefix + self._q_for_pri(queues[0], self.priority_steps[0])
+            connection.send_command("BLMOVE", first, first, "RIGHT", "RIGHT", IDLE_WAIT_S)
+            return
+        names = [(queue, self._q_for_pri(queue, pri)) for pri in self.priority_steps for queue in queues]
+        keys = [prefix + key for _, key in names] + [prefix + self.unacked_key, prefix + self.unacked_index_key]
+        connection.send_command("EVAL", _TAKE, len(keys), *keys, *(queue for queue, _ in names), time.time())
+
+    def _brpop_read(self, **options: Any) -> bool:
+        if not self._reliable:
+            return bool(super()._brpop_read(**options))
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, "BLMOVE" if self._waiting else "EVAL")
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if self._waiting:  # something arrived, or the wait timed out: look at every queue again
+                self._waiting = False
+                raise kombu_redis.Empty()
+            if not reply:
+                self._waiting = True
+                raise kombu_redis.Empty()
+            queue, payload = (part.decode() if isinstance(part, bytes) else part for part in reply)
+            message = loads(payload)
+            tag = message.get("properties", {}).get("delivery_tag")
+            if isinstance(tag, str):
+                self._recorded.add(tag)
+            self._queue_cycle.rotate(queue)
+            self.connection._deliver(message, queue)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+
+class Transport(kombu_redis.Transport):  # type: ignore[misc]  # kombu is untyped
+    Channel = Channel
