@@ -223,3 +223,22 @@ def test_a_message_failing_alone_during_an_outage_is_kept_not_refused() -> None:
     assert refused == []
     assert publisher.pending == 1
     assert publisher.stop(timeout_s=0.1) == 1
+
+
+def test_the_counters_add_up_through_an_outage_a_drop_and_a_shutdown() -> None:
+    transport = ScriptedTransport()
+    publisher = _publisher(transport, max_buffered_events=40, buffer_full_policy="drop_oldest")
+    publisher.start()
+    for n in range(30):
+        publisher.submit(_emission(n))
+    wait_for(lambda: publisher.published == 30, what="the first events published")
+    transport.down.set()
+    for n in range(30, 75):  # 45 during the outage: 5 over max_buffered_events are dropped
+        publisher.submit(_emission(n))
+    counts = publisher.counts()
+    assert (counts.emitted, counts.published, counts.dropped) == (75, 30, 5)
+    assert counts.add_up, counts
+    assert publisher.stop(timeout_s=0.2) == 40
+    counts = publisher.counts()
+    assert (counts.emitted, counts.published, counts.waiting, counts.dropped, counts.lost) == (75, 30, 0, 5, 40)
+    assert counts.add_up
