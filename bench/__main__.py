@@ -26,6 +26,7 @@ RESULTS = ROOT / "bench" / "results"
 STEPS = (
     "emit_cost",
     "publish",
+    "publish_amqp",
     "async_calls",
     "request_path",
     "stall",
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, Callable[[], Any]] = {
             "emit_cost": lambda: inprocess.emit_cost(redis, reps, calls=10_000 if args.quick else 20_000),
             "publish": lambda: inprocess.publish_throughput(redis, max(2, reps - 2)),
+            "publish_amqp": lambda: inprocess.publish_throughput_amqp(max(2, reps - 2)),
             "async_calls": lambda: inprocess.async_calls(reps),
             "e2e": lambda: e2e.run_e2e(redis, max(2, reps - 2), n=2_000 if args.quick else 4_000),
             "async_listeners": lambda: async_listeners.run_async_listeners(

@@ -5,6 +5,8 @@
   ``apply_async``, measured one call at a time with ``perf_counter_ns``.
 - ``publish_throughput``: events/s from the first ``emit`` until the last one is in Redis, from
   one process, against a plain ``apply_async`` loop.
+- ``publish_throughput_amqp``: the same on RabbitMQ, until the broker confirmed the last event
+  (publisher confirms), against a plain ``apply_async`` loop on the same RabbitMQ.
 - ``async_calls``: an async no-op listener on the persistent loop vs ``asyncio.run()`` per call.
 """
 
@@ -12,12 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import time
+import uuid
 from typing import Any
 
 from bench.common import RedisServer, percentile, ratio, summary, wait_for
 
-__all__ = ("async_calls", "emit_cost", "publish_throughput")
+__all__ = ("async_calls", "emit_cost", "publish_throughput", "publish_throughput_amqp")
+
+AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 PUBLISH_QUEUE = "bench-publish"
 PLAIN_QUEUE = "bench-publish-plain"
@@ -142,6 +148,64 @@ def publish_throughput(redis: RedisServer, reps: int, events: int = 50_000, plai
         "apply_async_per_s": summary(base),
         "cpu_us_per_event": summary(ours_cpu),
         "cpu_us_per_apply_async": summary(base_cpu),
+        "ratio": ratio(ours, base),
+    }
+
+
+def publish_throughput_amqp(reps: int, events: int = 20_000, plain: int = 2_000) -> dict[str, Any]:
+    """Events/s until RabbitMQ confirmed the last one, against ``apply_async`` on the same RabbitMQ."""
+    from celery import Celery
+    from kombu import Connection
+    from litestar.events import listener as litestar_listener
+
+    from litestar_celery_events import CeleryEventEmitter, CeleryEventsConfig
+    from litestar_celery_events.celery_app import secure_defaults
+
+    @litestar_listener("user_created")
+    def on_user_created(**kwargs: Any) -> None:
+        pass
+
+    tag = uuid.uuid4().hex[:8]
+    ours_queue, plain_queue = f"bench-publish-{tag}", f"bench-publish-plain-{tag}"
+    config = CeleryEventsConfig(broker_url=AMQP_URL, default_queue=ours_queue, max_buffered_events=events + 1)
+    emitter = CeleryEventEmitter.bound_to(config)([on_user_created])
+    plain_app = Celery("bench-plain-amqp", set_as_current=False)
+    plain_app.conf.update(secure_defaults(), broker_url=AMQP_URL)
+    noop = plain_app.task(name="bench.noop", ignore_result=True)(lambda *args, **kwargs: None)
+    ours: list[float] = []
+    base: list[float] = []
+    emitter.start()
+    connection = Connection(AMQP_URL)
+    channel = connection.default_channel
+    try:
+        noop.apply_async(kwargs={}, queue=plain_queue)
+        for _ in range(reps):
+            channel.queue_purge(plain_queue)
+            gc.collect()
+            target = emitter.publisher.published + events
+            start = time.perf_counter()
+            emit = emitter.emit
+            for i in range(events):
+                emit("user_created", email="user@example.com", n=i)
+            wait_for(lambda t=target: emitter.publisher.published >= t, timeout=120, what="confirms")
+            ours.append(events / (time.perf_counter() - start))
+
+            start = time.perf_counter()
+            for i in range(plain):
+                noop.apply_async(kwargs={"email": "user@example.com", "n": i}, queue=plain_queue)
+            base.append(plain / (time.perf_counter() - start))
+        in_queue = channel.queue_declare(ours_queue, passive=True).message_count
+    finally:
+        emitter.stop()
+        for queue in (ours_queue, plain_queue):
+            channel.queue_delete(queue)
+        connection.release()
+    return {
+        "events": events,
+        "plain_messages": plain,
+        "in_queue": in_queue,
+        "events_per_s": summary(ours),
+        "apply_async_per_s": summary(base),
         "ratio": ratio(ours, base),
     }
 

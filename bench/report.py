@@ -146,6 +146,14 @@ def _targets(r: dict[str, Any]) -> list[str]:  # noqa: PLR0915 - one row per tar
             "≥ 10x",
             _met(_get(pub, "ratio", "median"), 10.0),
         )
+    amqp = r.get("publish_amqp")
+    if amqp:
+        row(
+            "… on RabbitMQ, until confirmed, ÷ `apply_async` on RabbitMQ",
+            f"{_s(amqp['ratio'], 1)}x ({_s(amqp['events_per_s'], 0)} vs {_s(amqp['apply_async_per_s'], 0)} /s)",
+            "(reported)",
+            "",
+        )
     e2e = r.get("e2e")
     if e2e:
         rates = e2e["events_per_s"]

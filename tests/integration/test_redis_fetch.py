@@ -1,0 +1,92 @@
+"""A worker killed right after taking a message from Redis: kombu's channel loses it, the worker's keeps it.
+
+Differential: the same message, the same death (the consuming process exits the moment the
+message reaches it, before any callback), once with kombu's Redis transport and once with the
+transport ``celery -A worker worker`` uses (``runtime/redis_fetch.py``), against a real Redis.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+from kombu import Connection, Queue
+from litestar.testing import TestClient
+
+from litestar_celery_events.runtime.redis_fetch import RELIABLE_REDIS_TRANSPORT
+from tests.apps.recording import create_app
+from tests.helpers import celery_worker, read_records, wait_for
+
+pytestmark = pytest.mark.integration
+
+# Consume one message with TRANSPORT, dying (os._exit) the moment the channel hands it over.
+_DIE_ON_DELIVERY = """
+import os, sys
+from kombu import Connection, Queue
+from litestar.testing import TestClient
+from kombu.transport import virtual
+virtual.Transport._deliver = lambda self, message, queue: os._exit(9)
+url, transport, queue = sys.argv[1:]
+with Connection(url, transport=transport or None) as connection:
+    with connection.Consumer(Queue(queue), callbacks=[lambda body, message: None], accept=["json"]):
+        connection.drain_events(timeout=10)
+"""
+
+
+def _publish_one(url: str, queue: str) -> None:
+    with Connection(url) as connection:
+        connection.Producer().publish({"n": 1}, routing_key=queue, declare=[Queue(queue)], serializer="json")
+
+
+@pytest.mark.parametrize(
+    ("transport", "kept"), [("", False), (RELIABLE_REDIS_TRANSPORT, True)], ids=["kombu", "worker"]
+)
+def test_a_message_taken_by_a_consumer_that_dies_at_once_is_kept_as_unacknowledged(
+    redis_url: str, transport: str, kept: bool
+) -> None:
+    queue = f"fetch-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(redis_url)
+    client.delete("unacked", "unacked_index")
+    _publish_one(redis_url, queue)
+    died = subprocess.run(
+        [sys.executable, "-c", _DIE_ON_DELIVERY, redis_url, transport, queue], timeout=30, check=False
+    )
+    assert died.returncode == 9, "the consumer took the message and died"
+    assert client.llen(queue) == 0
+    assert client.hlen("unacked") == (1 if kept else 0)
+    if not kept:
+        return  # kombu's channel: the message is gone for good
+    # As after visibility_timeout: kombu's own sweep puts it back in its queue, and it runs.
+    with Connection(redis_url, transport=transport, transport_options={"visibility_timeout": 0}) as connection:
+        connection.default_channel.qos.restore_visible(num=10)
+        assert client.llen(queue) == 1
+        got: list[object] = []
+        with connection.Consumer(
+            Queue(queue), callbacks=[lambda body, m: (got.append(body), m.ack())], accept=["json"]
+        ):
+            connection.drain_events(timeout=5)
+    assert got == [{"n": 1}]
+    assert client.hlen("unacked") == 0
+
+
+def test_the_worker_takes_messages_with_the_recording_channel(
+    redis_url: str, use_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    env = use_env(redis_url)
+    client = redis.Redis.from_url(redis_url)
+    with celery_worker(env, tmp_path / "worker.log", queues=env["TEST_QUEUE"]):
+        client.config_resetstat()
+        with TestClient(create_app()) as web:
+            assert web.post("/users", json={"email": "ada@example.com"}).status_code == 201
+        wait_for(lambda: len(read_records(Path(env["RECORD_FILE"]))) >= 2, what="the listeners")
+        time.sleep(0.3)  # the idle wait after the message
+        stats = client.info("commandstats")
+    assert "cmdstat_eval" in stats, "messages are taken by the Lua script"
+    assert "cmdstat_blmove" in stats, "the idle worker waits with BLMOVE"
+    assert "cmdstat_brpop" not in stats
