@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from litestar_celery_events.message import Emission
+from litestar_celery_events.contract.message import Emission
 from litestar_celery_events.transports.kombu import KombuTransport, PublishNotConfirmedError, _Confirms
 
 
