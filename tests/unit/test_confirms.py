@@ -78,15 +78,27 @@ class ScriptedConnection:
         pass
 
 
-class RecordingProducer:
-    def __init__(self, fail_after: int | None = None) -> None:
-        self.published: list[str] = []
-        self.fail_after = fail_after
+class Socket:
+    def __init__(self, fail: bool) -> None:
+        self.writes: list[bytes] = []
+        self.fail = fail
 
-    def publish(self, body: bytes, **options: Any) -> None:
-        if self.fail_after is not None and len(self.published) == self.fail_after:
+    def write(self, data: bytes) -> None:
+        if self.fail:
             raise ConnectionResetError("connection reset by peer")
-        self.published.append(options["correlation_id"])
+        self.writes.append(data)
+
+
+class RecordingProducer:
+    """A producer on a py-amqp channel whose socket records (or refuses) what is written."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.channel = type("Channel", (), {"channel_id": 1})()
+        self.channel.connection = type("AmqpConnection", (), {"frame_max": 131072, "bytes_sent": 0})()
+        self.channel.connection.transport = Socket(fail)
+
+    def maybe_declare(self, entity: object) -> None:
+        pass
 
 
 def _transport(channel: ScriptedChannel, producer: RecordingProducer, reactions: list[Callable[[], None]]) -> Any:
@@ -121,16 +133,23 @@ def test_a_nack_sends_the_batch_again_from_the_refused_message_on() -> None:
     assert done == [1]
 
 
-def test_a_connection_lost_while_writing_counts_only_what_was_confirmed_before() -> None:
+def test_a_connection_lost_while_writing_counts_nothing_of_the_batch_as_published() -> None:
     channel = ScriptedChannel()
-    producer = RecordingProducer(fail_after=4)
-    transport = _transport(channel, producer, [])
-    channel.ack(2, multiple=True)  # confirms that arrived before the connection broke
+    transport = _transport(channel, RecordingProducer(fail=True), [])
     done = [0]
     with pytest.raises(ConnectionResetError):
         transport.publish(_batch(6), done)
-    assert done == [2]
-    assert producer.published == [f"id-{i}" for i in range(4)]
+    assert done == [0]
+
+
+def test_a_batch_goes_out_in_one_write_then_waits_for_its_confirms() -> None:
+    channel = ScriptedChannel()
+    producer = RecordingProducer()
+    transport = _transport(channel, producer, [lambda: channel.ack(6, multiple=True)])
+    done = [0]
+    transport.publish(_batch(6), done)
+    assert done == [6]
+    assert len(producer.channel.connection.transport.writes) == 1
 
 
 def test_confirms_that_never_come_fail_the_batch_after_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
