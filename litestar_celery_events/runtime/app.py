@@ -60,6 +60,7 @@ def create_worker_app(litestar_app: Litestar | str | None = None) -> Celery:
         raise ImproperlyConfiguredException("; ".join(unresolved))
     prepare_injectors(app, emitter.registry)  # a dependency a listener call cannot get fails here
     use_reliable_fetch(celery_app)
+    _confirm_worker_publishes(celery_app)
     listener_scope = install_worker_observability(celery_app, emitter.config)
     run_once = run_once_for(emitter, celery_app)
     register_event_tasks(celery_app, emitter.registry, emitter.config, listener_scope, run_once)
@@ -72,6 +73,18 @@ def create_worker_app(litestar_app: Litestar | str | None = None) -> Celery:
     _start_emitter_in_main_process(emitter)
     celery_app.litestar_app = app
     return celery_app
+
+
+def _confirm_worker_publishes(celery_app: Celery) -> None:
+    """On RabbitMQ, what a task sends (a listener's retry) is confirmed before that task is acknowledged.
+
+    Without confirms, a retry written to a connection the broker then drops is lost, while the
+    task that sent it counts as done. Per message (kombu's ``confirm_publish``): retries are few.
+    """
+    if str(celery_app.conf.broker_url).startswith(("amqp://", "amqps://", "pyamqp://")):
+        options = dict(celery_app.conf.broker_transport_options or {})
+        options.setdefault("confirm_publish", True)
+        celery_app.conf.broker_transport_options = options
 
 
 def _start_emitter_in_main_process(emitter: CeleryEventEmitter) -> None:

@@ -79,6 +79,32 @@ def test_the_worker_app_registers_one_task_per_event_and_per_listener(tmp_path: 
     assert farewell_task.reject_on_worker_lost is True
 
 
+@pytest.mark.parametrize(
+    ("broker_url", "transport", "confirm_publish"),
+    [
+        ("redis://127.0.0.1:1/0", "litestar_celery_events.runtime.redis_fetch:Transport", None),
+        ("amqp://guest:guest@127.0.0.1:1//", None, True),
+    ],
+    ids=["redis", "rabbitmq"],
+)
+def test_the_worker_app_takes_and_sends_messages_the_safe_way_on_each_broker(
+    tmp_path: Path, broker_url: str, transport: str | None, confirm_publish: bool | None
+) -> None:
+    celery_app = create_worker_app(_app(tmp_path, broker_url=broker_url))
+    assert celery_app.conf.broker_transport == transport
+    assert (celery_app.conf.broker_transport_options or {}).get("confirm_publish") == confirm_publish
+
+
+def test_the_worker_keeps_a_transport_and_confirm_setting_of_its_own(tmp_path: Path) -> None:
+    redis_app = create_worker_app(
+        _app(tmp_path, broker_url="redis://127.0.0.1:1/0", celery_config={"broker_transport": "redis"})
+    )
+    assert redis_app.conf.broker_transport == "redis"
+    unconfirmed = {"broker_transport_options": {"confirm_publish": False}}
+    amqp_app = create_worker_app(_app(tmp_path, broker_url="amqp://127.0.0.1:1//", celery_config=unconfirmed))
+    assert amqp_app.conf.broker_transport_options["confirm_publish"] is False
+
+
 def test_the_worker_refuses_an_app_without_the_plugin() -> None:
     with pytest.raises(TypeError, match="CeleryEventsPlugin"):
         create_worker_app(Litestar(listeners=[welcome]))
