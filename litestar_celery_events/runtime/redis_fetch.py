@@ -34,12 +34,13 @@ levels) within this long."""
 
 # KEYS: the queue keys in BRPOP order, then the unacked hash and its index. ARGV: the queue name
 # of each key, then the time. Returns {queue name, message} or nil. Records what kombu's
-# QoS.append would: unacked[tag] = [message, exchange, routing key], unacked_index[tag] = time.
-# A message that is not kombu's JSON is returned unrecorded (kombu's own channel loses it too).
+# QoS.append would (unacked[tag] = [message, exchange, routing key], unacked_index[tag] = time)
+# before it pops: a refused write (Redis out of memory) leaves the message in its queue. A message
+# that is not kombu's JSON is popped unrecorded (kombu's own channel loses it too).
 _TAKE = """
 local queues = #KEYS - 2
 for i = 1, queues do
-  local payload = redis.call('RPOP', KEYS[i])
+  local payload = redis.call('LINDEX', KEYS[i], -1)
   if payload then
     local ok, message = pcall(cjson.decode, payload)
     local properties = ok and type(message) == 'table' and message['properties']
@@ -51,6 +52,7 @@ for i = 1, queues do
         '[' .. payload .. ',' .. cjson.encode(delivery['exchange'] or '') .. ','
         .. cjson.encode(delivery['routing_key'] or '') .. ']')
     end
+    redis.call('RPOP', KEYS[i])
     return {ARGV[i], payload}
   end
 end
