@@ -171,7 +171,11 @@ def publish_throughput_amqp(reps: int, events: int = 20_000, plain: int = 2_000)
     emitter = CeleryEventEmitter.bound_to(config)([on_user_created])
     plain_app = Celery("bench-plain-amqp", set_as_current=False)
     plain_app.conf.update(secure_defaults(), broker_url=AMQP_URL)
-    noop = plain_app.task(name="bench.noop", ignore_result=True)(lambda *args, **kwargs: None)
+
+    @plain_app.task(name="bench.noop", ignore_result=True)
+    def noop(*args: Any, **kwargs: Any) -> None:
+        pass
+
     ours: list[float] = []
     base: list[float] = []
     emitter.start()
