@@ -24,10 +24,19 @@ from litestar_celery_events.brokers import is_redis_url
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ("IDLE_WAIT_S", "RELIABLE_REDIS_TRANSPORT", "Transport", "use_reliable_fetch")
+__all__ = (
+    "IDLE_WAIT_S",
+    "RELIABLE_REDIS_TRANSPORT",
+    "RELIABLE_SENTINEL_TRANSPORT",
+    "SentinelTransport",
+    "Transport",
+    "use_reliable_fetch",
+)
 
 RELIABLE_REDIS_TRANSPORT = "litestar_celery_events.runtime.redis_fetch:Transport"
 """The ``broker_transport`` the worker sets for a ``redis://``/``rediss://`` broker."""
+RELIABLE_SENTINEL_TRANSPORT = "litestar_celery_events.runtime.redis_fetch:SentinelTransport"
+"""The same for a ``sentinel://`` broker."""
 IDLE_WAIT_S = 0.1
 """An idle worker sees a message on its first queue at once, on its other queues (or priority
 levels) within this long."""
@@ -61,9 +70,18 @@ return false
 
 
 def use_reliable_fetch(celery_app: Celery) -> None:
-    """A worker on a Redis broker takes messages with this module's channel (unless a transport is set)."""
-    if is_redis_url(celery_app.conf.broker_url) and not celery_app.conf.broker_transport:
+    """A worker on a Redis broker takes messages with this module's channel (unless a transport is set).
+
+    ``redis+socket://`` stays kombu's: kombu takes the transport from such a URL's scheme.
+    """
+    url = str(celery_app.conf.broker_url or "")
+    if celery_app.conf.broker_transport or not is_redis_url(url):
+        return
+    scheme = url.split(";", 1)[0].partition("://")[0].lower()
+    if scheme in ("redis", "rediss"):
         celery_app.conf.broker_transport = RELIABLE_REDIS_TRANSPORT
+    elif scheme == "sentinel":
+        celery_app.conf.broker_transport = RELIABLE_SENTINEL_TRANSPORT
 
 
 class QoS(kombu_redis.QoS):  # type: ignore[misc]  # kombu is untyped
@@ -142,5 +160,13 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
             self._flush_brpop_reauth()
 
 
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):  # type: ignore[misc]
+    """The same over Sentinel (its connection pool is kombu's Sentinel one)."""
+
+
 class Transport(kombu_redis.Transport):  # type: ignore[misc]  # kombu is untyped
     Channel = Channel
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):  # type: ignore[misc]
+    Channel = SentinelChannel

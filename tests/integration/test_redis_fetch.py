@@ -7,6 +7,8 @@ transport ``celery -A worker worker`` uses (``runtime/redis_fetch.py``), against
 
 from __future__ import annotations
 
+import importlib
+import json
 import subprocess
 import sys
 import time
@@ -20,7 +22,7 @@ from kombu import Connection, Queue
 from litestar.testing import TestClient
 
 from litestar_celery_events.runtime.redis_fetch import RELIABLE_REDIS_TRANSPORT
-from tests.apps.recording import create_app
+from tests.apps.connections import SETTINGS_ENV
 from tests.helpers import celery_worker, read_records, wait_for
 
 pytestmark = pytest.mark.integration
@@ -75,18 +77,34 @@ def test_a_message_taken_by_a_consumer_that_dies_at_once_is_kept_as_unacknowledg
     assert client.hlen("unacked") == 0
 
 
+@pytest.mark.parametrize("flavour", ["redis", "sentinel"])
 def test_the_worker_takes_messages_with_the_recording_channel(
-    redis_url: str, use_env: Callable[..., dict[str, str]], tmp_path: Path
+    flavour: str, request: pytest.FixtureRequest, use_env: Callable[..., dict[str, str]], tmp_path: Path
 ) -> None:
-    env = use_env(redis_url)
-    client = redis.Redis.from_url(redis_url)
-    with celery_worker(env, tmp_path / "worker.log", queues=env["TEST_QUEUE"]):
+    if flavour == "sentinel":
+        group = request.getfixturevalue("sentinel_redis")
+        client = redis.Redis(port=group.master_port)
+        settings = {"broker_transport_options": {"master_name": group.master_name}}
+        env = use_env(
+            f"sentinel://127.0.0.1:{group.sentinel_port}",
+            app="tests.apps.connections:create_app",
+            **{SETTINGS_ENV: json.dumps(settings)},
+        )
+        emit = ("conn_ping", {"n": 1})
+    else:
+        redis_url = request.getfixturevalue("redis_url")
+        client = redis.Redis.from_url(redis_url)
+        env = use_env(redis_url)
+        emit = ("user_created", {"email": "ada@example.com"})
+    with celery_worker(env, tmp_path / "worker.log", queues=env["TEST_QUEUE"]) as worker:
         client.config_resetstat()
-        with TestClient(create_app()) as web:
-            assert web.post("/users", json={"email": "ada@example.com"}).status_code == 201
-        wait_for(lambda: len(read_records(Path(env["RECORD_FILE"]))) >= 2, what="the listeners")
+        app = importlib.import_module(env["LITESTAR_APP"].partition(":")[0]).create_app()
+        with TestClient(app):
+            app.emit(emit[0], **emit[1])
+        wait_for(lambda: read_records(Path(env["RECORD_FILE"])), what="the listener")
         time.sleep(0.3)  # the idle wait after the message
         stats = client.info("commandstats")
+    assert "redis_fetch:" in worker.output(), "the worker's banner names the transport"
     assert "cmdstat_eval" in stats, "messages are taken by the Lua script"
     assert "cmdstat_blmove" in stats, "the idle worker waits with BLMOVE"
     assert "cmdstat_brpop" not in stats

@@ -79,18 +79,28 @@ def test_the_worker_app_registers_one_task_per_event_and_per_listener(tmp_path: 
     assert farewell_task.reject_on_worker_lost is True
 
 
+FETCH = "litestar_celery_events.runtime.redis_fetch"
+
+
 @pytest.mark.parametrize(
     ("broker_url", "transport", "confirm_publish"),
     [
         ("redis://127.0.0.1:1/0", "litestar_celery_events.runtime.redis_fetch:Transport", None),
+        (
+            "sentinel://127.0.0.1:1;sentinel://127.0.0.1:2",
+            "litestar_celery_events.runtime.redis_fetch:SentinelTransport",
+            None,
+        ),
+        ("redis+socket:///tmp/redis.sock", None, None),  # kombu takes the transport from this scheme
         ("amqp://guest:guest@127.0.0.1:1//", None, True),
     ],
-    ids=["redis", "rabbitmq"],
+    ids=["redis", "sentinel", "unix-socket", "rabbitmq"],
 )
 def test_the_worker_app_takes_and_sends_messages_the_safe_way_on_each_broker(
     tmp_path: Path, broker_url: str, transport: str | None, confirm_publish: bool | None
 ) -> None:
-    celery_app = create_worker_app(_app(tmp_path, broker_url=broker_url))
+    options = {"broker_transport_options": {"master_name": "main"}} if broker_url.startswith("sentinel") else {}
+    celery_app = create_worker_app(_app(tmp_path, broker_url=broker_url, celery_config=options))
     assert celery_app.conf.broker_transport == transport
     assert (celery_app.conf.broker_transport_options or {}).get("confirm_publish") == confirm_publish
 
