@@ -27,6 +27,7 @@ _F64 = Struct(">d")
 _BASIC_PUBLISH = b"\x00\x3c\x00\x28"  # class 60, method 40
 # content_type, content_encoding, headers, delivery_mode, priority, correlation_id, reply_to
 _PROPERTY_FLAGS = 0xFE00
+_PRIORITY_FLAG = 0x0800
 
 
 def _shortstr(value: str) -> bytes:
@@ -118,7 +119,7 @@ def publish_frames(
     content_type: str,
     content_encoding: str,
     correlation_id: str,
-    priority: int = 0,
+    priority: int | None = 0,
     delivery_mode: int = 2,
 ) -> bytes:
     """The method, header and body frames of one persistent message with kombu's properties."""
@@ -126,11 +127,12 @@ def publish_frames(
     properties = (
         _fixed_properties(content_type, content_encoding)
         + _table(headers)
-        + bytes((delivery_mode, priority))
+        + (bytes((delivery_mode,)) if priority is None else bytes((delivery_mode, priority)))
         + _shortstr(correlation_id)
         + b"\x00"  # reply_to: "" (Celery sends it empty, not absent)
     )
-    header = _CONTENT_HEAD.pack(60, 0, len(body), _PROPERTY_FLAGS) + properties
+    flags = _PROPERTY_FLAGS if priority is not None else _PROPERTY_FLAGS & ~_PRIORITY_FLAG
+    header = _CONTENT_HEAD.pack(60, 0, len(body), flags) + properties
     out = [
         _FRAME_HEAD.pack(1, channel_id, len(method)),
         method,

@@ -19,7 +19,7 @@ from kombu import Producer
 from kombu.transport.pyamqp import Channel as PyAmqpChannel
 
 from litestar_celery_events.contract.message import Emission
-from litestar_celery_events.transports.kombu import KombuTransport
+from litestar_celery_events.transports.kombu import Destination, KombuTransport
 
 FRAME_MAX = 4096  # small, so a large body is split into several body frames
 
@@ -104,3 +104,15 @@ def test_a_batch_is_one_write_of_every_message_in_order() -> None:
     ours.connection.transport.write = writes.append
     transport._write_batch(Producer(ours, serializer="json"), batch)
     assert writes == [bytes(kombus.connection.transport.written)]
+
+
+@pytest.mark.parametrize("priority", [None, 0, 9], ids=["no priority", "priority 0", "priority 9"])
+def test_both_paths_agree_on_any_route(priority: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = Celery(set_as_current=False)
+    transport = KombuTransport(app)
+    routed = Destination("events.topic", "user.created", priority, ())
+    monkeypatch.setattr(transport, "_route", lambda emission: routed)
+    kombus, ours = _channel(), _channel()
+    transport._publish_one(Producer(kombus, serializer="json"), BASE)
+    transport._write_batch(Producer(ours, serializer="json"), [BASE])
+    assert bytes(ours.connection.transport.written) == bytes(kombus.connection.transport.written)
