@@ -149,6 +149,7 @@ def _ledger_of(
         "duplicated": sum(v - 1 for v in runs.values() if v > 1),
         "duplicated_events": sorted(n for n, v in runs.items() if v > 1)[:30],
         "both_succeeded_and_failed": len(set(runs) & set(failed)),
+        "both_events": sorted(set(runs) & set(failed))[:30],
         "listener_calls": int(client.get(CALLS_KEY) or 0),
         "injected_failures": int(client.get(INJECTED_KEY) or 0),
         "unacked_in_broker": int(broker.hlen("unacked")),
@@ -157,7 +158,7 @@ def _ledger_of(
 
 def _post_mortem(client: redis.Redis, ledger: dict[str, Any], emission_ids: list[str], faults: list[str]) -> None:
     """For each lost or duplicated event: its emission id and every listener call it got."""
-    wanted = set(ledger["lost_events"]) | set(ledger["duplicated_events"])
+    wanted = set(ledger["lost_events"]) | set(ledger["duplicated_events"]) | set(ledger["both_events"])
     if not wanted:
         return
     calls: dict[int, list[str]] = {n: [] for n in wanted}
@@ -167,9 +168,9 @@ def _post_mortem(client: redis.Redis, ledger: dict[str, Any], emission_ids: list
             clock = time.strftime("%H:%M:%S", time.localtime(float(at))) + at[at.index(".") :]
             calls[int(n)].append(f"{clock} pid {pid} task {task_id} retries={retries} {outcome}")
     _log("faults: " + "; ".join(faults))
-    for kind in ("lost", "duplicated"):
+    for kind, label in (("lost", "lost"), ("duplicated", "duplicated"), ("both", "succeeded and in the failed store")):
         for n in ledger[f"{kind}_events"]:
-            _log(f"{kind} event n={n} emission {emission_ids[n]}: {len(calls[n])} listener call(s)")
+            _log(f"{label}: event n={n} emission {emission_ids[n]}, {len(calls[n])} listener call(s)")
             for line in calls[n]:
                 _log(f"    {line}")
 
