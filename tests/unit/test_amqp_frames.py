@@ -111,7 +111,7 @@ def test_both_paths_agree_on_any_route(priority: int | None, monkeypatch: pytest
     app = Celery(set_as_current=False)
     transport = KombuTransport(app)
     routed = Destination("events.topic", "user.created", priority, ())
-    monkeypatch.setattr(transport, "_route", lambda emission: routed)
+    monkeypatch.setattr(transport, "_route", lambda producer, emission: (routed, {"id": emission.emission_id}))
     kombus, ours = _channel(), _channel()
     transport._publish_one(Producer(kombus, serializer="json"), BASE)
     transport._write_batch(Producer(ours, serializer="json"), [BASE])
