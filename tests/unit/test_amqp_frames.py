@@ -19,7 +19,8 @@ from kombu import Producer
 from kombu.transport.pyamqp import Channel as PyAmqpChannel
 
 from litestar_celery_events.contract.message import Emission
-from litestar_celery_events.transports.kombu import Destination, KombuTransport
+from litestar_celery_events.transports.kombu import KombuTransport
+from litestar_celery_events.transports.routing import Destination
 
 FRAME_MAX = 4096  # small, so a large body is split into several body frames
 
@@ -84,10 +85,11 @@ def test_batched_frames_equal_what_kombu_and_py_amqp_write(emission: Emission) -
     transport = KombuTransport(app)
     transport._declared.update({"events-frames", app.conf.task_default_queue})  # no broker to declare on
 
+    destination = transport.route(emission)
     kombus = _channel()
-    transport._publish_one(Producer(kombus, serializer="json"), emission)
+    transport.publish_to(Producer(kombus, serializer="json"), emission, destination)
     ours = _channel()
-    transport._write_batch(Producer(ours, serializer="json"), [emission])
+    transport._write_batch(Producer(ours, serializer="json"), [emission], [destination])
 
     assert bytes(ours.connection.transport.written) == bytes(kombus.connection.transport.written)
     assert len(kombus.connection.transport.written) > len(emission.body)
@@ -98,21 +100,21 @@ def test_a_batch_is_one_write_of_every_message_in_order() -> None:
     transport._declared.update({"events-frames", "celery"})
     batch = [dataclasses.replace(BASE, emission_id=f"id-{n}") for n in range(3)]
     kombus, ours = _channel(), _channel()
-    for emission in batch:
-        transport._publish_one(Producer(kombus, serializer="json"), emission)
+    destinations = [transport.route(emission) for emission in batch]
+    for emission, destination in zip(batch, destinations, strict=True):
+        transport.publish_to(Producer(kombus, serializer="json"), emission, destination)
     writes: list[bytes] = []
     ours.connection.transport.write = writes.append
-    transport._write_batch(Producer(ours, serializer="json"), batch)
+    transport._write_batch(Producer(ours, serializer="json"), batch, destinations)
     assert writes == [bytes(kombus.connection.transport.written)]
 
 
 @pytest.mark.parametrize("priority", [None, 0, 9], ids=["no priority", "priority 0", "priority 9"])
-def test_both_paths_agree_on_any_route(priority: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_both_paths_agree_on_any_route(priority: int | None) -> None:
     app = Celery(set_as_current=False)
     transport = KombuTransport(app)
-    routed = Destination("events.topic", "user.created", priority, ())
-    monkeypatch.setattr(transport, "_route", lambda producer, emission: (routed, {"id": emission.emission_id}))
+    routed = Destination("events.topic", "user.created", priority, (), None)
     kombus, ours = _channel(), _channel()
-    transport._publish_one(Producer(kombus, serializer="json"), BASE)
-    transport._write_batch(Producer(ours, serializer="json"), [BASE])
+    transport.publish_to(Producer(kombus, serializer="json"), BASE, routed)
+    transport._write_batch(Producer(ours, serializer="json"), [BASE], [routed])
     assert bytes(ours.connection.transport.written) == bytes(kombus.connection.transport.written)

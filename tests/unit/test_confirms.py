@@ -14,7 +14,8 @@ import pytest
 from celery import Celery
 
 from litestar_celery_events.contract.message import Emission
-from litestar_celery_events.transports.kombu import KombuTransport, PublishNotConfirmedError, _Confirms
+from litestar_celery_events.transports.confirms import Confirms, PublishNotConfirmedError
+from litestar_celery_events.transports.kombu import KombuTransport
 
 
 class ScriptedChannel:
@@ -38,7 +39,7 @@ class ScriptedChannel:
 
 def test_confirms_count_a_prefix_whatever_order_the_acks_come_in() -> None:
     channel = ScriptedChannel()
-    confirms = _Confirms(channel)
+    confirms = Confirms(channel)
     assert channel.confirming
     channel.ack(2)
     channel.ack(3)
@@ -53,7 +54,7 @@ def test_confirms_count_a_prefix_whatever_order_the_acks_come_in() -> None:
 
 def test_a_nacked_message_ends_the_confirmed_prefix() -> None:
     channel = ScriptedChannel()
-    confirms = _Confirms(channel)
+    confirms = Confirms(channel)
     channel.ack(2, multiple=True)
     channel.nack(3)
     channel.ack(6, multiple=True)
@@ -104,7 +105,7 @@ class RecordingProducer:
 def _transport(channel: ScriptedChannel, producer: RecordingProducer, reactions: list[Callable[[], None]]) -> Any:
     transport = KombuTransport(Celery(set_as_current=False))
     transport._producer = producer  # type: ignore[assignment]
-    transport._confirms = _Confirms(channel)
+    transport._confirms = Confirms(channel)
     transport._connection = ScriptedConnection(reactions)  # type: ignore[assignment]
     return transport
 
@@ -153,7 +154,7 @@ def test_a_batch_goes_out_in_one_write_then_waits_for_its_confirms() -> None:
 
 
 def test_confirms_that_never_come_fail_the_batch_after_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("litestar_celery_events.transports.kombu.CONFIRM_TIMEOUT_S", 0.05)
+    monkeypatch.setattr("litestar_celery_events.transports.confirms.CONFIRM_TIMEOUT_S", 0.05)
     channel = ScriptedChannel()
     transport = _transport(channel, RecordingProducer(), [lambda: channel.ack(1)])
     done = [0]
