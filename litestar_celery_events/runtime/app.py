@@ -10,6 +10,7 @@ from celery import signals
 from litestar import Litestar
 from litestar.exceptions import ImproperlyConfiguredException
 
+from litestar_celery_events.brokers import is_amqp_url
 from litestar_celery_events.config import LITESTAR_APP_ENV
 from litestar_celery_events.emitter import CeleryEventEmitter, emitter_of
 from litestar_celery_events.runtime.acks import BatchRedisAcks
@@ -81,7 +82,7 @@ def _confirm_worker_publishes(celery_app: Celery) -> None:
     Without confirms, a retry written to a connection the broker then drops is lost, while the
     task that sent it counts as done. Per message (kombu's ``confirm_publish``): retries are few.
     """
-    if str(celery_app.conf.broker_url).startswith(("amqp://", "amqps://", "pyamqp://")):
+    if is_amqp_url(celery_app.conf.broker_url):
         options = dict(celery_app.conf.broker_transport_options or {})
         options.setdefault("confirm_publish", True)
         celery_app.conf.broker_transport_options = options
