@@ -100,11 +100,9 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
     _recorded: set[Any]
 
     def took_recorded(self, delivery_tag: Any) -> bool:
+        """True while the message the Lua script took (and recorded) is being delivered."""
         recorded = self.__dict__.get("_recorded")
-        if recorded is None or delivery_tag not in recorded:
-            return False
-        recorded.discard(delivery_tag)
-        return True
+        return recorded is not None and delivery_tag in recorded
 
     def _is_reliable(self) -> bool:
         if self._reliable is None:
@@ -150,10 +148,14 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
             queue, payload = (part.decode() if isinstance(part, bytes) else part for part in reply)
             message = loads(payload)
             tag = message.get("properties", {}).get("delivery_tag")
-            if isinstance(tag, str):
+            if isinstance(tag, str):  # what the Lua script recorded
                 self._recorded.add(tag)
-            self._queue_cycle.rotate(queue)
-            self.connection._deliver(message, queue)
+            try:
+                self._queue_cycle.rotate(queue)
+                self.connection._deliver(message, queue)  # QoS.append runs in here
+            finally:
+                # Not in QoS.append: the async mode's pipelined reservation replaces it (and records again).
+                self._recorded.discard(tag)
             return True
         finally:
             self._in_poll = None
