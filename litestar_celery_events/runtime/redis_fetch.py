@@ -159,7 +159,9 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
             return True
         finally:
             self._in_poll = None
-            self._flush_brpop_reauth()
+            flush_reauth = getattr(self, "_flush_brpop_reauth", None)  # kombu >= 5.7: a waiting AUTH, now idle
+            if flush_reauth is not None:
+                flush_reauth()
 
 
 class SentinelChannel(Channel, kombu_redis.SentinelChannel):  # type: ignore[misc]

@@ -38,8 +38,23 @@ def stream_tick(n: int) -> None:
     """Never runs here: the test reads the queue itself."""
 
 
+def _rabbitmqctl_argv() -> list[str] | None:
+    """``rabbitmqctl`` on PATH, else inside the one RabbitMQ container (CI's service container)."""
+    if shutil.which("rabbitmqctl"):
+        return ["rabbitmqctl"]
+    if not shutil.which("docker"):
+        return None
+    listing = subprocess.run(
+        ["docker", "ps", "--format", "{{.ID}} {{.Image}}"], check=False, capture_output=True, text=True
+    ).stdout
+    ids = [ident for ident, _, image in (line.partition(" ") for line in listing.splitlines()) if "rabbitmq" in image]
+    return ["docker", "exec", ids[0], "rabbitmqctl"] if len(ids) == 1 else None
+
+
 def _rabbitmqctl(*args: str) -> str:
-    out = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=True)
+    argv = _rabbitmqctl_argv()
+    assert argv is not None
+    out = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=60, check=True)
     return out.stdout
 
 
@@ -65,9 +80,9 @@ def _restart_broker_app() -> float:
 
 @pytest.fixture
 def stream_emitter(amqp_url: str, tmp_path: Any) -> Iterator[CeleryEventEmitter]:
-    if not shutil.which("rabbitmqctl"):  # the broker-side disruptions need it, next to the broker
+    if _rabbitmqctl_argv() is None:  # the broker-side disruptions need it
         if os.environ.get("CI"):
-            pytest.fail("rabbitmqctl is not on PATH: the RabbitMQ disruption tests cannot disrupt anything")
+            pytest.fail("no rabbitmqctl on PATH nor one RabbitMQ container: the disruption tests cannot disrupt")
         pytest.skip("rabbitmqctl is not installed on this machine")
     queue = f"confirms-{uuid.uuid4().hex[:10]}"
     config = CeleryEventsConfig(
