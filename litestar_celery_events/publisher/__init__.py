@@ -13,13 +13,14 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from litestar_celery_events.batches import BatchSizer
 from litestar_celery_events.brokers import redact_url, retry_delay_s, worth_logging
 from litestar_celery_events.errors import EventBufferFullError
+from litestar_celery_events.publisher.counts import PublisherCounts
+from litestar_celery_events.publisher.spooling import SpoolFallback
 from litestar_celery_events.transports import Transport, transport_for
 from litestar_celery_events.transports.routing import EventRouter
 
@@ -38,34 +39,13 @@ __all__ = ("Publisher", "PublisherCounts")
 logger = logging.getLogger("litestar_celery_events.publisher")
 
 IDLE_WAIT_S = 0.5
-SPOOL_WHEN_STALLED_S = 1.0
-"""With the spool on: a publish waiting this long for the broker (one that hangs rather than
-refuses) sends new events, and the batch it holds, to the spool instead of memory."""
 MIN_PUBLISH_INTERVAL_S = 0.002
 MAX_PUBLISH_INTERVAL_S = 0.02
 """Under a steady stream of events, round trips are 2 ms (one event per batch) to 20 ms apart, so
 each carries a batch: a round trip costs ~100x the CPU of adding one message to it."""
 
 
-@dataclass(frozen=True)
-class PublisherCounts:
-    """Where every event handed to a publisher is (``add_up``). Exact while the publisher is idle or stopped."""
-
-    emitted: int  # accepted by ``emit`` (it returned without raising)
-    adopted: int  # taken over from the spool files of a dead process with the same ``data_dir``
-    published: int  # taken by the broker: Redis replied, RabbitMQ confirmed (publisher confirms)
-    waiting: int  # in memory, in flight (sent, not yet confirmed) or in this process's spool
-    refused: int  # never taken by the broker (too big): in the failed-events store
-    dropped: int  # by ``buffer_full_policy``/``spool_full_policy="drop_oldest"`` (each logged)
-    lost: int  # unpublished at shutdown and not kept in a spool (logged with their event ids)
-
-    @property
-    def add_up(self) -> bool:
-        accounted = self.published + self.waiting + self.refused + self.dropped + self.lost
-        return self.emitted + self.adopted == accounted
-
-
-class Publisher:
+class Publisher(SpoolFallback):
     """A bounded buffer of emissions and the thread that drains it to the broker."""
 
     def __init__(
@@ -356,70 +336,3 @@ class Publisher:
             logger.warning("cannot publish to %s (%s); %s, retrying", self._broker, redact_url(str(exc)), waiting)
         self._wakeup.wait(retry_delay_s(failures))
         self._wakeup.clear()
-
-    def _publish_stalled(self) -> bool:
-        """True once the same batch has been in flight for ``SPOOL_WHEN_STALLED_S`` (seen from ``emit``)."""
-        in_flight, now = self._in_flight, time.monotonic()
-        if in_flight is not self._watched:
-            self._watched, self._watched_since = in_flight, now
-            return False
-        return now - self._watched_since >= SPOOL_WHEN_STALLED_S
-
-    def _spill_stalled(self, spool: Spool) -> None:
-        """The broker hangs: put the batch in flight and the buffer on disk (the caller's thread)."""
-        in_flight = list(self._in_flight)
-        self._spooled_in_flight = {e.emission_id for e in in_flight}
-        spool.put(in_flight)  # dropped from disk again if that publish still goes through
-        spool.spill(self._buffer)
-        logger.warning(
-            "a publish to %s has waited %.1fs: %d event(s) now wait in the spool",
-            self._broker,
-            time.monotonic() - self._watched_since,
-            spool.depth,
-        )
-
-    def _drop_spooled_copies(self, spool: Spool | None) -> None:
-        """A publish that stalled went through after all: its batch's copies leave the spool."""
-        if self._spooled_in_flight and spool is not None:
-            spool.discard(self._spooled_in_flight)
-            self._spooled_in_flight = set()
-
-    def _publish_from_spool(self, spool: Spool, failures: int) -> int:
-        """One round while events wait on disk: spill memory to disk, publish the oldest batch."""
-        # Memory holds newer events than the spool, or a failed batch already spooled when it stalled.
-        spool.spill(self._buffer, skip=self._spooled_in_flight)
-        self._spooled_in_flight = set()
-        source, rows = spool.oldest(self._batches.cap)
-        if source is None:
-            return failures
-        rows = rows[: self._batches.fitting(len(emission.body) for _, emission in rows)]
-        batch = [emission for _, emission in rows]
-        done = [0]
-        try:
-            self._transport.publish(batch, done)
-        except Exception as exc:  # noqa: BLE001 - any broker error: the events stay on disk
-            refused = self._after_failure(batch, done[0], exc)
-            if refused:
-                self._refuse(refused[0], exc)
-            gone = done[0] + len(refused)
-            if gone:
-                spool.published(source, rows[gone - 1][0])
-                self._report_published(batch[:gone])
-                self.published += done[0]
-            if refused:
-                return failures
-            failures += 1
-            self._back_off(exc, failures, f"{spool.depth} event(s) in the spool")
-            return failures
-        self._batches.after_success()
-        spool.published(source, rows[-1][0])
-        self._report_published(batch)
-        self.published += len(batch)
-        if failures:
-            logger.warning(
-                "publishing to %s again after %d failed attempt(s); %d event(s) left in the spool",
-                self._broker,
-                failures,
-                spool.depth,
-            )
-        return 0
