@@ -30,12 +30,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import redis
 from celery import Celery
 from kombu import Connection
 from litestar import Litestar
 
-from bench.common import ROOT, CeleryWorker, RedisServer, machine, percentile, versions, wait_for
+from bench.common import ROOT, CeleryWorker, RedisServer, bench_redis, machine, percentile, versions, wait_for
 from bench.report import render
 from bench.scheduling import worker_rss_mib
 from litestar_celery_events import CeleryEventEmitter, CeleryEventsConfig, CeleryEventsPlugin, emit_later, listener
@@ -46,19 +45,12 @@ __all__ = ("create_app", "run")
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 HOUR_S = 3600
 DUE_IN_S = 3.0
-_client: list[redis.Redis] = []
-
-
-def _redis() -> redis.Redis:
-    if not _client:
-        _client.append(redis.Redis.from_url(os.environ["BENCH_REDIS_URL"]))
-    return _client[0]
 
 
 @listener("bench_due")
 def on_due(due: float, side: str) -> None:
     """Records how late it started after its due time."""
-    _redis().rpush(f"bench:amqp-delay:{side}", time.time() - due)
+    bench_redis().rpush(f"bench:amqp-delay:{side}", time.time() - due)
 
 
 @listener("bench_later")
@@ -85,9 +77,9 @@ def _worker(env: dict[str, str], queue: str, log: Path) -> CeleryWorker:
 
 def _lateness(side: str, expected: int, deadline: float) -> list[float]:
     key = f"bench:amqp-delay:{side}"
-    while _redis().llen(key) < expected and time.time() < deadline:
+    while bench_redis().llen(key) < expected and time.time() < deadline:
         time.sleep(0.2)
-    return [float(x) for x in _redis().lrange(key, 0, -1)]
+    return [float(x) for x in bench_redis().lrange(key, 0, -1)]
 
 
 def _stats(lateness: list[float], expected: int, within_s: float) -> dict[str, Any]:

