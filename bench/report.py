@@ -264,7 +264,7 @@ def _amqp_delayed_rows(a: dict[str, Any] | None, row: Any) -> None:
             f"{_num(eta.get(f'due_soon_started_within_{waited:g}s'))} / "
             f"{_num(eta['due_soon_lateness'].get('started_within_3s'))} of {eta['due_soon']} "
             f"(worker held {_num(eta.get('held_by_worker_after_wait'))} of the backlog)",
-            "(issue: 0 of 100)",
+            "(measured before: 0 of 100)",
             "",
         )
     row(

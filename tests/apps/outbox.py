@@ -80,7 +80,7 @@ async def create_user_handler(
     request: Request[Any, Any, Any],
     db_session: NamedDependency[AsyncSession],
 ) -> None:
-    """The docs' handler: insert, then emit. ``mode`` makes it fail the way the issue's table does."""
+    """The docs' handler: insert, then emit. ``mode`` makes it fail as a real app's transaction can."""
     repository = UserRepository(session=db_session)
     user = await repository.add(OutboxUser(email=data["email"]))
     db_session.info["email"] = data["email"]

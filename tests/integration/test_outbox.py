@@ -172,7 +172,7 @@ def test_a_rolled_back_or_failed_commit_delivers_no_event(
     if outbox:
         assert ghosts == [], f"{len(ghosts)} events delivered for transactions that did not commit"
         wait_for(lambda: outbox_rows(database_url) == 0, timeout=10, what="the outbox rows to be cleared")
-    else:  # today's behaviour, the table: every one of them goes out, for users that do not exist
+    else:  # without the outbox: every one of them goes out, for users that do not exist
         assert len(ghosts) == len(raised) + len(failed)
         assert not any(r["found"] for r in ghosts)
     assert delivered
