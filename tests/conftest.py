@@ -94,6 +94,24 @@ def amqp_url() -> Iterator[str]:
         delete_delay_levels(url, levels, if_empty=True)
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The machine's PostgreSQL on 127.0.0.1:5432 (trust auth), started when installed but down.
+
+    Each test module creates (and drops) a database of its own on it. Without PostgreSQL the
+    database tests skip locally (SQLite variants still run) but fail under CI (CI=true).
+    """
+    if not port_open(5432) and shutil.which("pg_ctlcluster") and Path("/etc/postgresql").is_dir():
+        for version in sorted(p.name for p in Path("/etc/postgresql").iterdir()):
+            subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"], check=False)
+        wait_for(lambda: port_open(5432), timeout=60, what="PostgreSQL")
+    if not port_open(5432):
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432 and could not be started")
+        pytest.skip("PostgreSQL is not installed on this machine")
+    return "127.0.0.1:5432"
+
+
 @pytest.fixture(params=["redis", "amqp"])
 def broker_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue(f"{request.param}_url"))

@@ -6,10 +6,7 @@ its own session, PostgreSQL (asyncpg and psycopg, a database per session) and SQ
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
-import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,15 +26,8 @@ LISTENER = "send_welcome_email_handler"
 
 
 @pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
-    """A database of its own for this session on the machine's PostgreSQL (started if installed but down)."""
-    if not port_open(5432) and shutil.which("pg_ctlcluster"):
-        subprocess.run(["pg_ctlcluster", "15", "main", "start"], check=False)
-        wait_for(lambda: port_open(5432), timeout=60, what="PostgreSQL")
-    if not port_open(5432):
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432 and could not be started")
-        pytest.skip("PostgreSQL is not installed on this machine")
+def pg_database(postgres_server: str) -> Iterator[str]:
+    """A database of its own for this session on the machine's PostgreSQL."""
     name = f"outbox_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:

@@ -9,7 +9,6 @@ and is emitted 4 times; every run must succeed, in a process whose start-up ran.
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ import pytest
 from litestar_celery_events import CeleryEventEmitter
 from tests.apps.lifespan_app import create_app
 from tests.conftest import SESSION_TAG
-from tests.helpers import CeleryProcess, celery_worker, port_open, runs_of, wait_for
+from tests.helpers import CeleryProcess, celery_worker, runs_of, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -69,12 +68,8 @@ async def _pg(database: str, *statements: str) -> list[Any]:
 
 
 @pytest.fixture(scope="session")
-def postgres_database() -> Iterator[str]:
+def postgres_database(postgres_server: str) -> Iterator[str]:
     """A database of this test session's own on the machine's PostgreSQL, dropped at the end."""
-    if not port_open(5432):
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432")
-        pytest.skip("PostgreSQL is not running on this machine")
     name = f"lce_worker_app_{SESSION_TAG}"
     asyncio.run(_pg("postgres", f'CREATE DATABASE "{name}"'))
     try:
