@@ -36,6 +36,7 @@ STEPS = (
     "scheduling",
     "amqp_delayed",
     "outbox",
+    "scaling",
 )
 
 
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             "amqp_delayed": lambda: _own_process("amqp_delayed", 600)["amqp_delayed"],
             # Its own Redis and PostgreSQL database (the docs' handler on advanced-alchemy).
             "outbox": lambda: outbox.run_outbox(n=2_000 if not args.quick else 500),
+            # Its own Redis, RabbitMQ queue and 1/2/4 workers (env set for them: its own process).
+            "scaling": lambda: _own_process("scaling", 600)["scaling"],
         }
         web = [s for s in ("request_path", "stall") if s in steps]
         for step in steps:

@@ -238,7 +238,22 @@ def _targets(r: dict[str, Any]) -> list[str]:  # noqa: PLR0915 - one row per tar
         row("… due → start latency p50 / p99", f"{_num(due.get('median'), 1)} / {_num(due.get('p99'), 1)} ms", "", "")
     _amqp_delayed_rows(r.get("amqp_delayed"), row)
     _outbox_rows(r.get("outbox"), row)
+    _scaling_rows(r.get("scaling"), row)
     return rows
+
+
+def _scaling_rows(s: dict[str, Any] | None, row: Any) -> None:
+    """Scale-out: drain rates by worker count, publish ceiling, store bytes (docs/scaling.md)."""
+    if not s or "redis" not in s:
+        return
+    for side in ("redis", "rabbitmq"):
+        drains = s.get(side, {}).get("drain_events_per_s", {})
+        figure = " / ".join(_s(drains.get(str(c)), 0) for c in s["worker_counts"])
+        row(f"Scale-out {side}: events/s with 1 / 2 / 4 workers", figure, "(capacity model)", "")
+        row(f"… {side} publish only, events/s", _s(s.get(side, {}).get("publish_events_per_s"), 0), "", "")
+    mem = s.get("memory", {})
+    bytes_ = f"{_num(mem.get('delayed_bytes_per_event'), 0)} / {_num(mem.get('failed_bytes_per_record'), 0)} B"
+    row("Redis bytes per delayed event / failed record", bytes_, "", "")
 
 
 def _amqp_delayed_rows(a: dict[str, Any] | None, row: Any) -> None:
