@@ -33,6 +33,7 @@ from litestar import Litestar
 
 from bench.common import ROOT, CeleryWorker, RedisServer, machine, summary, versions, wait_for
 from litestar_celery_events import CeleryEventEmitter, CeleryEventsConfig, CeleryEventsPlugin, emit_later, listener
+from litestar_celery_events.transports.amqp_delay import DelayLevels
 
 __all__ = ("create_app", "run")
 
@@ -195,6 +196,15 @@ def _memory(server: RedisServer, n: int) -> dict[str, Any]:
     return out
 
 
+def _delete_delay_levels(channel: Any, prefix: str) -> None:
+    """The delay levels the workers declared at start-up under this run's prefix (empty: no delayed events)."""
+    levels = DelayLevels(prefix)
+    for name in levels.names():
+        if name != levels.delivery_exchange:
+            channel.queue_delete(name)
+        channel.exchange_delete(name)
+
+
 def run(results: dict[str, Any], reps: int = 3, n: int = 2_000, memory_n: int = 20_000) -> None:
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
     out: dict[str, Any] = {
@@ -227,6 +237,7 @@ def run(results: dict[str, Any], reps: int = 3, n: int = 2_000, memory_n: int = 
             finally:
                 channel.queue_delete(amqp_env["BENCH_QUEUE"])
                 channel.exchange_delete(amqp_env["BENCH_QUEUE"])
+                _delete_delay_levels(channel, base["BENCH_DELAY_PREFIX"])
     out["load_after"] = machine()["load_avg"]
     results["scaling"] = out
 
