@@ -94,6 +94,17 @@ def amqp_url() -> Iterator[str]:
         delete_delay_levels(url, levels, if_empty=True)
 
 
+@pytest.fixture(autouse=True)
+def failure_sinks_of_this_test_only() -> Iterator[None]:
+    """``create_worker_app`` registers process-wide failure sinks (a store with its connection):
+    a later test's failure must not write through an earlier test's store."""
+    from litestar_celery_events.runtime import failures
+
+    saved = list(failures._sinks)
+    yield
+    failures._sinks[:] = saved
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> str:
     """The machine's PostgreSQL on 127.0.0.1:5432 (trust auth), started when installed but down.
