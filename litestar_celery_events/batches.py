@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from litestar_celery_events.brokers.failover import MasterUnavailableError
 from litestar_celery_events.transports import MessageRefused
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ class BatchSizer:
         if isinstance(exc, MessageRefused):  # that one message, not the batch's size
             self._alone_failures = 0
             return batch[done : done + 1]
+        if isinstance(exc, MasterUnavailableError):  # the server takes no writes now (failing over): not the message
+            return []
         self.cap = max(1, min(self.cap, len(batch) - done) // 2)
         if len(batch) - done != 1:
             self._alone_failures = 0

@@ -24,6 +24,7 @@ from kombu.utils import symbol_by_name
 from kombu.utils.url import url_to_parts
 from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
 
+from litestar_celery_events.brokers.failover import failover_aware
 from litestar_celery_events.brokers.urls import REDIS_TRANSPORTS, SOCKET_TIMEOUT_S, BrokerSettingError, redact_url
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ class _Endpoint:
                 kwargs[name] = SOCKET_TIMEOUT_S
         if kwargs.get("connection_class") is redis.UnixDomainSocketConnection:
             kwargs.pop("socket_connect_timeout", None)  # as kombu: a unix socket has no connect phase to bound
+        # A server that takes no writes now (failing over) raises a ConnectionError: reconnect, retry.
+        kwargs["connection_class"] = failover_aware(kwargs.get("connection_class", redis.Connection))
         if not self.sentinels:
             return redis.Redis(connection_pool=redis.ConnectionPool(**kwargs)), None
         # kombu's SentinelChannel: the sentinels get the same arguments as the master, except the

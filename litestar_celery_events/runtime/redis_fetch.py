@@ -20,6 +20,12 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.json import loads
 
 from litestar_celery_events.brokers import is_redis_url
+from litestar_celery_events.brokers.failover import (
+    FailoverAwareConnection,
+    FailoverAwareSentinelConnection,
+    FailoverAwareSentinelSSLConnection,
+    FailoverAwareSSLConnection,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -94,6 +100,10 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]  # kombu is untyped
 
 class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
     QoS = QoS
+    # NOREPLICAS/MASTERDOWN/READONLY while failing over: a lost connection (Celery reconnects), not a
+    # channel error (with kombu's classes the worker stops: "Unrecoverable error: ResponseError").
+    connection_class: type[Any] = FailoverAwareConnection
+    connection_class_ssl: type[Any] = FailoverAwareSSLConnection
 
     _reliable: bool | None = None
     _waiting = False  # the command in flight is the idle wait (BLMOVE), not the take script
@@ -166,6 +176,9 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]  # kombu is untyped
 
 class SentinelChannel(Channel, kombu_redis.SentinelChannel):  # type: ignore[misc]
     """The same over Sentinel (its connection pool is kombu's Sentinel one)."""
+
+    connection_class = FailoverAwareSentinelConnection
+    connection_class_ssl = FailoverAwareSentinelSSLConnection
 
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]  # kombu is untyped

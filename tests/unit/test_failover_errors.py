@@ -1,0 +1,101 @@
+"""A Redis that takes no writes now (failing over) is a lost connection to every client, not a refusal."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
+
+from litestar_celery_events import CeleryEventsConfig
+from litestar_celery_events.batches import REFUSED_AFTER_ATTEMPTS, BatchSizer
+from litestar_celery_events.brokers import redis_settings_for_url
+from litestar_celery_events.brokers.failover import (
+    FailoverAwareConnection,
+    FailoverAwareSentinelConnection,
+    FailoverAwareSentinelSSLConnection,
+    FailoverAwareSSLConnection,
+    MasterUnavailableError,
+    failover_aware,
+    unwritable,
+)
+from litestar_celery_events.runtime.redis_fetch import Channel, SentinelChannel
+from tests.helpers import free_port, port_open, redis_server_binary, wait_for
+
+NOREPLICAS = "NOREPLICAS Not enough good replicas to write."
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (redis.ResponseError(NOREPLICAS), True),
+        (redis.ResponseError(f"{NOREPLICAS} script: fe9d2678, on @user_script:4."), True),
+        (redis.ResponseError(f"Command # 1 (EVALSHA 7de1 3 a b c) of pipeline caused error: {NOREPLICAS}"), True),
+        (redis.ResponseError("MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'."), True),
+        (redis.ReadOnlyError("You can't write against a read only replica."), True),
+        (redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), False),
+        (redis.ResponseError("ERR max number of clients reached"), False),
+        (redis.ResponseError("NOREPLICASX is not the code"), False),
+        (redis.ConnectionError("Connection refused"), False),
+    ],
+    ids=["noreplicas", "in-a-script", "in-a-pipeline", "masterdown", "readonly", "wrongtype", "err", "prefix", "conn"],
+)
+def test_replies_of_a_server_that_takes_no_writes_now_are_recognised(exc: Exception, expected: bool) -> None:
+    assert unwritable(exc) is expected
+
+
+def test_every_redis_py_connection_class_has_a_failover_aware_version_and_the_worker_uses_them() -> None:
+    assert failover_aware(redis.Connection) is FailoverAwareConnection
+    assert failover_aware(SentinelManagedConnection) is FailoverAwareSentinelConnection
+    assert failover_aware(SentinelManagedSSLConnection) is FailoverAwareSentinelSSLConnection
+    assert issubclass(FailoverAwareSentinelConnection, SentinelManagedConnection)
+    assert issubclass(MasterUnavailableError, redis.ConnectionError), "kombu and Celery reconnect on it"
+    assert (Channel.connection_class, Channel.connection_class_ssl) == (
+        FailoverAwareConnection,
+        FailoverAwareSSLConnection,
+    )
+    assert SentinelChannel.connection_class is FailoverAwareSentinelConnection
+
+
+@pytest.fixture
+def replicaless_master(tmp_path: Path) -> Iterator[int]:
+    """A master that must have one replica to take writes, and has none: what a failover leaves for a while."""
+    port = free_port()
+    argv = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen([*argv, "--min-replicas-to-write", "1"], cwd=tmp_path, stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: port_open(port), timeout=10, what="redis-server")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_the_factorys_clients_raise_a_connection_error_and_reconnect_when_the_master_takes_no_writes(
+    replicaless_master: int,
+) -> None:
+    handle = redis_settings_for_url(f"redis://127.0.0.1:{replicaless_master}/0").open()
+    try:
+        client = handle.client()
+        assert client.ping(), "reads are served"
+        with pytest.raises(MasterUnavailableError, match="NOREPLICAS"):
+            client.lpush("q", "m")
+        with pytest.raises(MasterUnavailableError, match="NOREPLICAS"):
+            client.pipeline(transaction=False).lpush("q", "m").execute()
+        with pytest.raises(MasterUnavailableError, match="NOREPLICAS"):
+            client.eval("return redis.call('LPUSH', KEYS[1], 'm')", 1, "q")
+        assert client.llen("q") == 0
+    finally:
+        handle.close()
+
+
+def test_a_message_failing_alone_while_the_master_takes_no_writes_is_never_refused() -> None:
+    sizer = BatchSizer(CeleryEventsConfig())
+    batch = [object()]
+    exc = MasterUnavailableError(NOREPLICAS)
+    for _ in range(REFUSED_AFTER_ATTEMPTS * 3):
+        assert sizer.after_failure(batch, 0, exc, reachable=lambda: True) == []  # type: ignore[arg-type]
+    assert sizer.after_failure(batch, 0, redis.ConnectionError("reset"), reachable=lambda: True) == []  # type: ignore[arg-type]
