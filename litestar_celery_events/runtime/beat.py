@@ -17,7 +17,11 @@ from typing import TYPE_CHECKING, Any
 from celery.beat import ScheduleEntry, Scheduler
 from celery.schedules import crontab, schedstate
 from celery.schedules import schedule as celery_schedule
+from kombu.exceptions import OperationalError
+from redis import ConnectionError as RedisConnectionError
+from redis import TimeoutError as RedisTimeoutError
 
+from litestar_celery_events.brokers import redact_url
 from litestar_celery_events.contract.message import encode_body
 from litestar_celery_events.contract.periodic import PeriodicEvent
 from litestar_celery_events.runtime.mover import install_mover
@@ -43,6 +47,9 @@ DEFAULT_BEAT_SCHEDULER = "celery.beat.PersistentScheduler"
 # 2100); a search longer than that which finds no day means the fields never match (Celery 5.4
 # accepts a crontab on 30 February).
 CRONTAB_SEARCH_DAYS = 366 * 41
+TICK_RETRY_S = 1.0
+"""How often beat retries a tick the broker could not take (a failover, an outage)."""
+_BROKER_DOWN = (RedisConnectionError, RedisTimeoutError, OperationalError, OSError)
 
 
 class AlignedInterval(celery_schedule):  # type: ignore[misc]  # celery is untyped here
@@ -118,6 +125,8 @@ class EventScheduler(Scheduler):  # type: ignore[misc]  # celery is untyped here
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.periodic: dict[str, PeriodicEvent] = {}
+        self.pending: dict[str, tuple[float, Emission]] = {}
+        """Per schedule, its latest tick the broker could not take, retried every ``TICK_RETRY_S``."""
         self.store: ScheduleStore = schedule_store_for(self.emitter.celery_app, self.emitter.config.resolved_data_dir)
         self.fired = 0
         super().__init__(*args, **kwargs)
@@ -159,6 +168,15 @@ class EventScheduler(Scheduler):  # type: ignore[misc]  # celery is untyped here
     def schedule(self) -> dict[str, ScheduleEntry]:
         return self.data  # type: ignore[no-any-return]
 
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        self._retry_pending()
+        interval = float(super().tick(*args, **kwargs))
+        return min(interval, TICK_RETRY_S) if self.pending else interval
+
+    def _retry_pending(self) -> None:
+        for name, (slot, emission) in list(self.pending.items()):
+            self._apply(self.periodic[name], slot, emission)
+
     def apply_entry(self, entry: ScheduleEntry, producer: Any = None) -> None:
         periodic = self.periodic.get(entry.name)
         if periodic is None:
@@ -168,10 +186,34 @@ class EventScheduler(Scheduler):  # type: ignore[misc]  # celery is untyped here
         tick = datetime.fromtimestamp(slot, tz=timezone.utc).isoformat()
         try:
             emission = self._prepare(periodic, tick)
-            fired = self._fire(periodic, slot, emission)
         except Exception:
             logger.exception("beat: cannot emit periodic event %r for tick %s", periodic.key, tick)
             return
+        self.pending.pop(periodic.key, None)  # a newer tick replaces one not yet fired: fired once, not once per miss
+        self._apply(periodic, slot, emission)
+
+    def _apply(self, periodic: PeriodicEvent, slot: float, emission: Emission) -> None:
+        """Claim and fire one tick; a broker that cannot take it now (failing over) gets it again later.
+
+        A retry is safe: the claim is a compare-and-set on the tick, so a tick whose reply was lost
+        is found already fired."""
+        tick = datetime.fromtimestamp(slot, tz=timezone.utc).isoformat()
+        retry = periodic.key in self.pending
+        try:
+            fired = self._fire(periodic, slot, emission)
+        except _BROKER_DOWN as exc:
+            if not retry:
+                logger.warning(
+                    "beat: the broker cannot take tick %s of %r now (%s: %s); retrying every %.0f s",
+                    tick, periodic.key, type(exc).__name__, redact_url(str(exc)), TICK_RETRY_S,
+                )  # fmt: skip
+            self.pending[periodic.key] = (slot, emission)
+            return
+        except Exception:
+            self.pending.pop(periodic.key, None)
+            logger.exception("beat: cannot emit periodic event %r for tick %s", periodic.key, tick)
+            return
+        self.pending.pop(periodic.key, None)
         if fired:
             self.fired += 1
             logger.info(
