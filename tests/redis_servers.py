@@ -51,7 +51,7 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-class _Servers:
+class RedisProcesses:
     """Processes started this session, stopped in reverse order at its end."""
 
     def __init__(self) -> None:
@@ -82,8 +82,8 @@ class _Servers:
 
 
 @pytest.fixture(scope="session")
-def redis_servers() -> Iterator[_Servers]:
-    servers = _Servers()
+def redis_servers() -> Iterator[RedisProcesses]:
+    servers = RedisProcesses()
     try:
         yield servers
     finally:
@@ -132,7 +132,7 @@ def _tls_binary() -> str:
     raise AssertionError("unreachable")
 
 
-def _tls_server(servers: _Servers, certs: Certs, folder: Path, auth_clients: str) -> int:
+def _tls_server(servers: RedisProcesses, certs: Certs, folder: Path, auth_clients: str) -> int:
     port = free_port()
     argv = [_tls_binary(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", ""]
     argv += ["--tls-cert-file", str(certs.server_cert), "--tls-key-file", str(certs.server_key)]
@@ -142,19 +142,19 @@ def _tls_server(servers: _Servers, certs: Certs, folder: Path, auth_clients: str
 
 
 @pytest.fixture(scope="session")
-def tls_redis_port(redis_servers: _Servers, tls_certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> int:
+def tls_redis_port(redis_servers: RedisProcesses, tls_certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> int:
     """TLS only (no plain port); any client may connect (CERT_NONE and CA-file rows)."""
     return _tls_server(redis_servers, tls_certs, tmp_path_factory.mktemp("redis-tls"), "no")
 
 
 @pytest.fixture(scope="session")
-def mtls_redis_port(redis_servers: _Servers, tls_certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> int:
+def mtls_redis_port(redis_servers: RedisProcesses, tls_certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> int:
     """TLS that refuses a client without a certificate signed by the test CA."""
     return _tls_server(redis_servers, tls_certs, tmp_path_factory.mktemp("redis-mtls"), "yes")
 
 
 @pytest.fixture(scope="session")
-def auth_redis_port(redis_servers: _Servers, tmp_path_factory: pytest.TempPathFactory) -> int:
+def auth_redis_port(redis_servers: RedisProcesses, tmp_path_factory: pytest.TempPathFactory) -> int:
     """``requirepass`` for the default user, and an ACL user ``alice`` with her own password."""
     port = free_port()
     argv = [*_base(port), "--requirepass", DEFAULT_PASSWORD]
@@ -164,7 +164,7 @@ def auth_redis_port(redis_servers: _Servers, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture(scope="session")
-def unix_redis_socket(redis_servers: _Servers, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def unix_redis_socket(redis_servers: RedisProcesses, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A server reachable only through a unix socket."""
     folder = tmp_path_factory.mktemp("redis-unix")
     path = folder / "redis.sock"
@@ -173,29 +173,53 @@ def unix_redis_socket(redis_servers: _Servers, tmp_path_factory: pytest.TempPath
     return path
 
 
-@pytest.fixture(scope="session")
-def sentinel_redis(redis_servers: _Servers, tmp_path_factory: pytest.TempPathFactory) -> Sentinels:
-    """A master, its replica and one Sentinel watching them (quorum 1)."""
-    folder = tmp_path_factory.mktemp("redis-sentinel")
+def start_sentinel_group(
+    servers: RedisProcesses,
+    folder: Path,
+    down_after_ms: int = 5000,
+    server_args: tuple[str, ...] = (),
+    master_name: str = MASTER_NAME,
+) -> Sentinels:
+    """A master, its replica and one Sentinel watching them (quorum 1), ready: the Sentinel sees the replica.
+
+    ``server_args`` go to both data servers (e.g. ``--min-replicas-to-write 1``).
+    """
     master, replica, sentinel = free_port(), free_port(), free_port()
-    redis_servers.start(_base(master), folder, master)
-    redis_servers.start([*_base(replica), "--replicaof", "127.0.0.1", str(master)], folder, replica)
+    servers.start([*_base(master), *server_args], folder, master)
+    servers.start([*_base(replica), *server_args, "--replicaof", "127.0.0.1", str(master)], folder, replica)
     conf = folder / "sentinel.conf"  # Sentinel rewrites its config file: it must be its own, writable
     conf.write_text(
         f"port {sentinel}\nbind 127.0.0.1\ndir {folder}\n"
-        f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master} 1\n"
-        f"sentinel down-after-milliseconds {MASTER_NAME} 5000\n"
+        f"sentinel monitor {master_name} 127.0.0.1 {master} 1\n"
+        f"sentinel down-after-milliseconds {master_name} {down_after_ms}\n"
     )
-    redis_servers.start([redis_server_binary(), str(conf), "--sentinel"], folder, sentinel)
+    servers.start([redis_server_binary(), str(conf), "--sentinel"], folder, sentinel)
     node = redis.Redis(port=sentinel, socket_timeout=2)
     try:
-        wait_for(lambda: node.sentinel_get_master_addr_by_name(MASTER_NAME), timeout=15, what="sentinel's master")
+        wait_for(lambda: node.sentinel_get_master_addr_by_name(master_name), timeout=15, what="sentinel's master")
 
         def replica_known() -> bool:
-            return bool(node.sentinel_slaves(MASTER_NAME))
+            return bool(node.sentinel_slaves(master_name))
 
         wait_for(replica_known, timeout=20, what="sentinel to see the replica")
     finally:
         node.close()
+    with redis.Redis(port=master, socket_timeout=2) as primary:
+
+        def replica_online() -> bool:
+            return any(isinstance(v, dict) and v.get("state") == "online" for v in _replicas(primary))
+
+        wait_for(replica_online, timeout=20, what="the replica to finish its first sync")
     time.sleep(0.1)
-    return Sentinels(sentinel, master, replica)
+    return Sentinels(sentinel, master, replica, master_name)
+
+
+def _replicas(node: redis.Redis) -> list[object]:
+    info = node.info("replication")
+    return [info[key] for key in info if str(key).startswith("slave")]
+
+
+@pytest.fixture(scope="session")
+def sentinel_redis(redis_servers: RedisProcesses, tmp_path_factory: pytest.TempPathFactory) -> Sentinels:
+    """A master, its replica and one Sentinel watching them (quorum 1)."""
+    return start_sentinel_group(redis_servers, tmp_path_factory.mktemp("redis-sentinel"))

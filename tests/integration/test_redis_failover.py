@@ -1,0 +1,199 @@
+"""High-availability Redis: a Sentinel failover under a stream of events, with a real worker and beat.
+
+A private Sentinel group (master, replica, one Sentinel; ``redis-server --sentinel``) is the
+broker of a real ``celery -A worker worker`` and ``celery -A worker beat``. The test emits
+immediate and delayed events every 50 ms, sends a stock Celery task through the same Sentinel
+settings, then asks the Sentinel to fail over (``SENTINEL FAILOVER``: the replica is promoted,
+the old master is later turned into its replica) and keeps emitting until the old master has
+been converted. Every emission must run, none twice; delayed events due after the failover run;
+beat's ticks go on, each once; nothing is left unacknowledged for a later redelivery.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+import redis
+from litestar import Litestar
+from litestar.testing import TestClient
+
+from litestar_celery_events import CeleryEventEmitter, emit_later
+from tests.apps.failover import create_app, stock_celery_app
+from tests.helpers import CeleryProcess, celery_worker, runs_of, wait_for
+from tests.redis_servers import RedisProcesses, Sentinels, start_sentinel_group
+
+pytestmark = [pytest.mark.integration, pytest.mark.redis]
+
+APP = "tests.apps.failover:create_app"
+STEP_S = 0.05
+BEFORE_S = 4.0
+AFTER_S = 14.0
+"""Past the old master's conversion to a replica (Sentinel waits about 8-10 s before it reconfigures it)."""
+DEFAULT_SERVER_ARGS = "--min-replicas-to-write 1 --repl-diskless-sync-delay 0"
+SERVER_ARGS = tuple(os.environ.get("FAILOVER_SERVER_ARGS", DEFAULT_SERVER_ARGS).split())
+"""The master refuses writes while it has no replica: once its replica is promoted it takes none,
+so nothing is written where the failover would discard it (see docs/scaling.md, High availability).
+No diskless-sync delay: the demoted master becomes a replica, and writes resume, 5 s sooner.
+``FAILOVER_SERVER_ARGS="--repl-diskless-sync-delay 0"`` reproduces the documented split brain
+without ``min-replicas-to-write`` (the test then fails, listing the lost and doubled events)."""
+
+
+@dataclass
+class Timeline:
+    """What the test saw of the failover, in ``time.time()`` seconds."""
+
+    asked: float = 0.0
+    promoted: float = 0.0
+    old_master_converted: float = 0.0
+    writable: float = 0.0
+    """When the new master had a replica again (``min-replicas-to-write``: writes accepted)."""
+    stock_refused: str = ""
+    emitted: dict[int, str] = field(default_factory=dict)
+    due: dict[int, float] = field(default_factory=dict)
+
+
+@pytest.fixture
+def group(tmp_path: Path) -> Iterator[Sentinels]:
+    servers = RedisProcesses()
+    try:
+        yield start_sentinel_group(servers, tmp_path, down_after_ms=1000, server_args=SERVER_ARGS)
+    finally:
+        servers.stop()
+
+
+def _role(port: int) -> str:
+    try:
+        with redis.Redis(port=port, socket_timeout=1) as node:
+            return str(node.info("replication")["role"])
+    except redis.RedisError:
+        return "down"
+
+
+def _online_replicas(port: int) -> int:
+    try:
+        with redis.Redis(port=port, socket_timeout=1) as node:
+            info = node.info("replication")
+    except redis.RedisError:
+        return 0
+    return sum(1 for key, value in info.items() if key.startswith("slave") and isinstance(value, dict)
+               and value.get("state") == "online")  # fmt: skip
+
+
+def _emit_through_failover(app: Litestar, group: Sentinels, sentinel: redis.Redis) -> Timeline:
+    """Emit every ``STEP_S``; fail over after ``BEFORE_S``; go on until ``AFTER_S`` after it."""
+    timeline = Timeline()
+    stock = stock_celery_app()
+    queue = app.event_emitter.config.default_queue  # type: ignore[attr-defined]
+    n = 0
+    start = time.time()
+    while True:
+        now = time.time()
+        if not timeline.asked and now - start >= BEFORE_S:
+            stock.send_task("events.ha_ping", kwargs={"n": -1, "kind": "stock"}, queue=queue)
+            sentinel.sentinel_failover(group.master_name)
+            timeline.asked = time.time()
+        if timeline.asked and not timeline.promoted:
+            if sentinel.sentinel_get_master_addr_by_name(group.master_name)[1] == group.replica_port:
+                timeline.promoted = time.time()
+            if timeline.promoted:  # stock Celery in the window: kombu raises the server's refusal to the caller
+                try:
+                    stock.send_task("events.ha_ping", kwargs={"n": -3, "kind": "stock"}, queue=queue)
+                    timeline.emitted[-3] = "stock"
+                except Exception as exc:  # noqa: BLE001 - kombu.exceptions.OperationalError
+                    timeline.stock_refused = f"{type(exc).__name__}: {exc}"
+        if timeline.promoted and not timeline.old_master_converted and _role(group.master_port) == "slave":
+            timeline.old_master_converted = time.time()
+        if timeline.old_master_converted and not timeline.writable and _online_replicas(group.replica_port):
+            timeline.writable = time.time()
+        if timeline.asked and now - timeline.asked >= AFTER_S and timeline.writable:
+            break
+        if timeline.asked and now - timeline.asked >= 3 * AFTER_S:
+            raise TimeoutError(f"the failover did not complete: {timeline}")
+        n += 1
+        if n % 5:
+            app.emit("ha_ping", n=n, kind="now")
+            timeline.emitted[n] = "now"
+        else:
+            delay = 3.0 + (n % 4) * 2.5  # 3 to 10.5 s: some of those sent before the failover are due after it
+            emit_later(app, "ha_ping", delay=delay, n=n, kind="later")
+            timeline.emitted[n] = "later"
+            timeline.due[n] = time.time() + delay
+        time.sleep(STEP_S)
+    stock.send_task("events.ha_ping", kwargs={"n": -2, "kind": "stock"}, queue=queue)
+    timeline.emitted[-1] = timeline.emitted[-2] = "stock"
+    return timeline
+
+
+def _report(timeline: Timeline, ran: set[int]) -> str:
+    def since(at: float) -> str:
+        return f"+{at - timeline.asked:.2f}s" if at else "never"
+
+    missing = sorted(set(timeline.emitted) - ran)
+    return (
+        f"failover asked at {timeline.asked:.2f}: promoted {since(timeline.promoted)}, old master a replica "
+        f"{since(timeline.old_master_converted)}, writes taken {since(timeline.writable)}; stock send_task in the "
+        f"window: {timeline.stock_refused or 'sent'}; {len(timeline.emitted)} emitted, missing {missing}"
+    )
+
+
+def test_a_sentinel_failover_loses_no_event_runs_none_twice_and_beat_keeps_ticking(
+    group: Sentinels, use_env: Callable[..., dict[str, str]], tmp_path: Path
+) -> None:
+    env = use_env(
+        f"sentinel://127.0.0.1:{group.sentinel_port}",
+        app=APP,
+        SENTINEL_MASTER=group.master_name,
+        HEARTBEAT_EVERY_S="1",
+    )
+    records = Path(env["RECORD_FILE"])
+    app = create_app()
+    assert isinstance(app.event_emitter, CeleryEventEmitter)
+    sentinel = redis.Redis(port=group.sentinel_port, socket_timeout=2)
+    beat = CeleryProcess(["beat", "--loglevel", "INFO"], env, tmp_path / "beat.log")
+    try:
+        with celery_worker(env, tmp_path / "worker.log", queues=env["TEST_QUEUE"]), TestClient(app):
+            beat.wait_ready(marker="beat: Starting...")
+            timeline = _emit_through_failover(app, group, sentinel)
+
+            def all_ran() -> bool:
+                return {run["kwargs"]["n"] for run in runs_of(records, "ha_ping")} >= set(timeline.emitted)
+
+            try:
+                wait_for(all_ran, timeout=60, what="every emission to run")
+            finally:
+                ran = {run["kwargs"]["n"] for run in runs_of(records, "ha_ping")}
+                print(_report(timeline, ran))
+            time.sleep(3)  # a late duplicate would show up now
+        new_master = redis.Redis(port=group.replica_port, socket_timeout=2)
+        unacked = new_master.hlen("unacked")
+        delayed_left = new_master.zcard("celery-events:delayed")
+        new_master.close()
+    finally:
+        beat.stop()
+        sentinel.close()
+
+    runs = runs_of(records, "ha_ping")
+    twice = {n: count for n, count in Counter(run["kwargs"]["n"] for run in runs).items() if count > 1}
+    assert not twice, f"emissions that ran more than once: {twice}"
+    assert unacked == 0, "messages left unacknowledged on the new master would run again after visibility_timeout"
+    assert delayed_left == 0
+    late = [r for r in runs if r["kwargs"]["kind"] == "later" and timeline.due[r["kwargs"]["n"]] > timeline.promoted]
+    assert len(late) >= 5, "delayed events due after the failover ran"
+    assert all(r["kwargs"]["at"] >= timeline.due[r["kwargs"]["n"]] - 0.05 for r in late), "never early"
+
+    ticks = runs_of(records, "ha_tick")
+    tick_counts = Counter(run["kwargs"]["tick"] for run in ticks)
+    assert all(count == 1 for count in tick_counts.values()), f"a tick ran twice: {tick_counts}"
+    stamps = sorted(datetime.fromisoformat(str(tick)).timestamp() for tick in tick_counts)
+    gaps = [(round(b - timeline.asked, 1), round(b - a, 1)) for a, b in pairwise(stamps) if b - a > 1]
+    print(f"ticks: {len(stamps)}; (seconds after the failover, gap) over 1 s: {gaps}")
+    after = [stamp for stamp in stamps if stamp > timeline.writable]
+    assert len(after) >= AFTER_S - (timeline.writable - timeline.asked) - 2, "beat ticks every second again"
