@@ -127,6 +127,7 @@ class EventScheduler(Scheduler):  # type: ignore[misc]  # celery is untyped here
         self.periodic: dict[str, PeriodicEvent] = {}
         self.pending: dict[str, tuple[float, Emission]] = {}
         """Per schedule, its latest tick the broker could not take, retried every ``TICK_RETRY_S``."""
+        self._claimed: dict[str, float] = {}  # per schedule, the last tick this beat claimed (SQLite path)
         self.store: ScheduleStore = schedule_store_for(self.emitter.celery_app, self.emitter.config.resolved_data_dir)
         self.fired = 0
         super().__init__(*args, **kwargs)
@@ -242,9 +243,12 @@ class EventScheduler(Scheduler):  # type: ignore[misc]  # celery is untyped here
             tag = f"{emission.emission_id}.1"
             envelope = redis_envelope(emission, destination.routing_key, origin_nodename(), tag, destination.priority)
             return store.fire_tick(periodic.key, slot, destination.redis_key, envelope)
-        # No atomic claim-and-publish here: a beat dying between the two loses that one tick.
-        if not store.claim_tick(periodic.key, slot):
-            return False
+        # No atomic claim-and-publish here: a beat dying between the two loses that one tick. A
+        # publish that failed is retried (``pending``) without claiming the tick again.
+        if self._claimed.get(periodic.key) != slot:
+            if not store.claim_tick(periodic.key, slot):
+                return False
+            self._claimed[periodic.key] = slot
         transport_ = KombuTransport(self.app, route=route)
         try:
             transport_.publish([emission], [0])

@@ -260,3 +260,40 @@ def test_two_beats_on_the_embedded_broker_fire_a_tick_once(tmp_path: Path) -> No
     finally:
         for emitter, _ in beats:
             emitter.stop()
+
+
+def test_a_tick_the_broker_cannot_take_now_is_retried_and_fires_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kombu.exceptions import OperationalError
+    from kombu.transport import filesystem
+
+    from litestar_celery_events.runtime.beat import install_scheduling
+    from litestar_celery_events.transports import KombuTransport
+
+    filesystem.Transport.global_state.clear()
+    every_minute = PeriodicEvent("reminder", 60, kwargs={"note": "tick"})
+    config = CeleryEventsConfig(data_dir=str(tmp_path), periodic=[every_minute])
+    app = Litestar(listeners=[remind], plugins=[CeleryEventsPlugin(config)])
+    emitter = app.event_emitter
+    assert isinstance(emitter, CeleryEventEmitter)
+    install_scheduling(emitter.celery_app, emitter)
+    scheduler = emitter.celery_app.conf.beat_scheduler(app=emitter.celery_app)
+    publish = KombuTransport.publish
+
+    def broker_away(*_: Any, **__: Any) -> None:
+        raise OperationalError("NOREPLICAS Not enough good replicas to write.")
+
+    try:
+        monkeypatch.setattr(KombuTransport, "publish", broker_away)
+        scheduler.apply_entry(scheduler.schedule[every_minute.key])
+        scheduler.tick()  # still away: kept for the next try
+        assert (scheduler.fired, list(scheduler.pending)) == (0, [every_minute.key])
+        monkeypatch.setattr(KombuTransport, "publish", publish)
+        scheduler.tick()
+        scheduler.tick()
+        assert (scheduler.fired, scheduler.pending) == (1, {})
+        messages = [p for p in (tmp_path / "broker").glob("*.msg") if every_minute.key in p.read_text()]
+        assert len(messages) == 1, "claimed once, published once"
+    finally:
+        emitter.stop()
