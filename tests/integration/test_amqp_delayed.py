@@ -284,7 +284,7 @@ def test_a_two_hour_delay_survives_a_consumer_timeout_lowered_to_60_s_where_cele
         levels_log, eta_log = levels_worker.output(), eta_worker.output()
     plain.close()
 
-    stopped = "Unrecoverable error" in eta_log  # Celery 5.5/5.6: the worker exits on the closed channel
+    stopped = "Unrecoverable error" in eta_log  # Celery 5.7 here: the worker exits on the closed channel
     print(f"ETA worker's channel closed {closed_after_s:.1f} s after it took the task (worker stopped: {stopped}); "
           f"unacked before: {unacked_while_held}")  # fmt: skip
     assert unacked_while_held == {levels_queue: 0, eta_queue: 1}, "the worker holds the ETA task, not the delayed event"
