@@ -26,6 +26,7 @@ __all__ = (
     "FailoverAwareUnixConnection",
     "MasterUnavailableError",
     "failover_aware",
+    "failover_hazard",
     "unwritable",
 )
 
@@ -98,3 +99,23 @@ def failover_aware(connection_class: type[Any] | None) -> type[Any] | None:
         return None
     aware: type[Any] = _AWARE.get(connection_class, connection_class)
     return aware
+
+
+def failover_hazard(client: redis.Redis) -> str | None:
+    """Why a Sentinel failover of this master could lose or double writes, or None.
+
+    Without ``min-replicas-to-write``, the old master takes writes for the seconds between the
+    promotion of its replica and its own conversion, and Sentinel then discards them. ``CONFIG``
+    may be refused (managed Redis): then nothing can be told.
+    """
+    try:
+        value = client.config_get("min-replicas-to-write").get("min-replicas-to-write")
+    except redis.ResponseError:
+        return None
+    if value is None or int(value) >= 1:
+        return None
+    return (
+        "the broker's Redis master runs with min-replicas-to-write 0: during a Sentinel failover it keeps "
+        "taking writes that Sentinel then discards (delayed events lost or run twice); set min-replicas-to-write 1 "
+        "on every Redis server, with two replicas (README, Guarantees)"
+    )

@@ -114,6 +114,11 @@ class BrokerRedis:
     def location(self) -> str:
         return self.settings.location
 
+    @property
+    def sentinel(self) -> bool:
+        """True when the master is found through Sentinels (a failover can happen)."""
+        return any(endpoint.sentinels for endpoint in self.settings.endpoints)
+
     def client(self) -> redis.Redis:
         client = self._client
         if client is not None and self._pid == os.getpid():

@@ -142,6 +142,9 @@ class EventScheduler(Scheduler):  # type: ignore[misc]  # celery is untyped here
     def setup_schedule(self) -> None:
         if isinstance(self.store, RedisScheduleStore):
             self.store.check_single_server()  # beat stops here, naming the reason, on a Redis Cluster
+            hazard = self.store.failover_hazard()
+            if hazard:
+                logger.warning("beat: %s", hazard)
         super().setup_schedule()
         tz = self.app.timezone
         for periodic in self.emitter.config.periodic:

@@ -135,7 +135,8 @@ class DeclareDelayLevels(bootsteps.StartStopStep):  # type: ignore[misc]  # cele
 
 class CheckDelayedStore(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped here
     """Redis: refuse a Redis Cluster at start-up, naming the reason (a worker step: it runs before the
-    consumer, whose first queue declaration would otherwise fail with kombu's CROSSSLOT error)."""
+    consumer, whose first queue declaration would otherwise fail with kombu's CROSSSLOT error), and
+    warn when a Sentinel master runs without ``min-replicas-to-write`` (a failover would discard writes)."""
 
     def start(self, w: WorkController) -> None:
         mover = getattr(w.app, "celery_events_mover", None)
@@ -143,8 +144,12 @@ class CheckDelayedStore(bootsteps.StartStopStep):  # type: ignore[misc]  # celer
             return
         try:
             mover.store.check_single_server()
+            hazard = mover.store.failover_hazard()
         except (redis.ConnectionError, redis.TimeoutError) as exc:  # the broker is not up yet: Celery waits for it
             logger.warning("cannot check that the broker's Redis is not a cluster now (%s)", redact_url(str(exc)))
+            return
+        if hazard:
+            logger.warning(hazard)
 
 
 _stores: dict[int, ScheduleStore] = {}

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import redis
 
 from litestar_celery_events.brokers import MAX_AMQP_DELAY_S, is_redis_url, redis_settings
+from litestar_celery_events.brokers.failover import failover_hazard
 from litestar_celery_events.stores.lua import lua_script
 
 if TYPE_CHECKING:
@@ -118,6 +119,10 @@ class RedisScheduleStore:
                 "(their Lua scripts touch several keys, and kombu's Redis transport has no cluster support either); "
                 "use a single Redis server, with Sentinel for failover"
             )
+
+    def failover_hazard(self) -> str | None:
+        """Through Sentinel: why a failover could lose or double delayed events and ticks (or None)."""
+        return failover_hazard(self.client) if self._redis.sentinel else None
 
     def cancel(self, emission_id: str, due_ts: float | None = None) -> bool:
         keys = [self.zset, self.messages, self._tombstones + emission_id]

@@ -159,7 +159,7 @@ def test_a_sentinel_failover_loses_no_event_runs_none_twice_and_beat_keeps_ticki
     sentinel = redis.Redis(port=group.sentinel_port, socket_timeout=2)
     beat = CeleryProcess(["beat", "--loglevel", "INFO"], env, tmp_path / "beat.log")
     try:
-        with celery_worker(env, tmp_path / "worker.log", queues=env["TEST_QUEUE"]), TestClient(app):
+        with celery_worker(env, tmp_path / "worker.log", queues=env["TEST_QUEUE"]) as worker, TestClient(app):
             beat.wait_ready(marker="beat: Starting...")
             timeline = _emit_through_failover(app, group, sentinel)
 
@@ -172,6 +172,7 @@ def test_a_sentinel_failover_loses_no_event_runs_none_twice_and_beat_keeps_ticki
                 ran = {run["kwargs"]["n"] for run in runs_of(records, "ha_ping")}
                 print(_report(timeline, ran))
             time.sleep(3)  # a late duplicate would show up now
+            hazard_told = "min-replicas-to-write 0" in worker.output() + beat.output()
         new_master = redis.Redis(port=group.replica_port, socket_timeout=2)
         unacked = new_master.hlen("unacked")
         delayed_left = new_master.zcard("celery-events:delayed")
@@ -180,6 +181,7 @@ def test_a_sentinel_failover_loses_no_event_runs_none_twice_and_beat_keeps_ticki
         beat.stop()
         sentinel.close()
 
+    assert hazard_told is ("--min-replicas-to-write" not in SERVER_ARGS), "the start-up warning, when it applies"
     runs = runs_of(records, "ha_ping")
     twice = {n: count for n, count in Counter(run["kwargs"]["n"] for run in runs).items() if count > 1}
     assert not twice, f"emissions that ran more than once: {twice}"

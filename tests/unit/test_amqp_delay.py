@@ -263,6 +263,7 @@ def test_rabbitmqs_dead_letter_headers_are_dropped_from_the_request() -> None:
 def test_a_redis_cluster_is_refused_at_start_up_with_the_reason(cluster_enabled: int, refused: bool) -> None:
     broker_redis = mock.Mock()  # the client factory's handle
     broker_redis.settings.global_keyprefix = ""
+    broker_redis.sentinel = False
     client = broker_redis.client.return_value
     client.info.return_value = {"cluster_enabled": cluster_enabled}
     store = RedisScheduleStore(broker_redis)
@@ -283,6 +284,7 @@ def test_a_redis_down_at_start_up_or_without_info_does_not_stop_the_worker() -> 
     for error in (redis.ConnectionError("refused"), redis.ResponseError("unknown command 'INFO'")):
         broker_redis = mock.Mock()
         broker_redis.settings.global_keyprefix = ""
+        broker_redis.sentinel = False
         broker_redis.client.return_value.info.side_effect = error
         worker = mock.Mock()
         worker.app.celery_events_mover = mock.Mock(store=RedisScheduleStore(broker_redis))

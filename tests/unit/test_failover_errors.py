@@ -20,6 +20,7 @@ from litestar_celery_events.brokers.failover import (
     FailoverAwareSSLConnection,
     MasterUnavailableError,
     failover_aware,
+    failover_hazard,
     unwritable,
 )
 from litestar_celery_events.runtime.redis_fetch import Channel, SentinelChannel
@@ -99,3 +100,12 @@ def test_a_message_failing_alone_while_the_master_takes_no_writes_is_never_refus
     for _ in range(REFUSED_AFTER_ATTEMPTS * 3):
         assert sizer.after_failure(batch, 0, exc, reachable=lambda: True) == []  # type: ignore[arg-type]
     assert sizer.after_failure(batch, 0, redis.ConnectionError("reset"), reachable=lambda: True) == []  # type: ignore[arg-type]
+
+
+def test_a_master_without_min_replicas_to_write_is_named_a_failover_hazard(replicaless_master: int) -> None:
+    with redis.Redis(port=replicaless_master) as client:
+        assert failover_hazard(client) is None
+        client.config_set("min-replicas-to-write", 0)
+        hazard = failover_hazard(client)
+    assert hazard is not None
+    assert "min-replicas-to-write 1" in hazard
