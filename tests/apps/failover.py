@@ -24,6 +24,11 @@ def ha_ping(n: int, kind: str) -> None:
     record("ha_ping", n=n, kind=kind, id=current_task.request.id, at=time.time())
 
 
+@listener("ha_fails", max_retries=0)
+def ha_fails(n: int) -> None:
+    raise RuntimeError(f"ha_fails {n} fails on purpose")
+
+
 @listener("ha_tick")
 def ha_tick() -> None:
     request = current_task.request
@@ -50,4 +55,4 @@ def create_app() -> Litestar:
         delayed_poll_interval_s=0.2,
         flush_timeout_s=30,
     )
-    return Litestar(listeners=[ha_ping, ha_tick], plugins=[CeleryEventsPlugin(config)])
+    return Litestar(listeners=[ha_ping, ha_fails, ha_tick], plugins=[CeleryEventsPlugin(config)])

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -26,6 +27,7 @@ from litestar import Litestar
 from litestar.testing import TestClient
 
 from litestar_celery_events import CeleryEventEmitter, emit_later
+from litestar_celery_events.stores.failed import failed_store_for
 from tests.apps.failover import create_app, stock_celery_app
 from tests.helpers import CeleryProcess, celery_worker, runs_of, wait_for
 from tests.redis_servers import RedisProcesses, Sentinels, start_sentinel_group
@@ -87,6 +89,22 @@ def _online_replicas(port: int) -> int:
                and value.get("state") == "online")  # fmt: skip
 
 
+def _observe(timeline: Timeline, group: Sentinels, sentinel: redis.Redis, send_task: Callable[[int], Any]) -> None:
+    """Note the failover's steps as they happen; once promoted, try stock Celery's ``send_task`` in the window."""
+    if not timeline.promoted:
+        if sentinel.sentinel_get_master_addr_by_name(group.master_name)[1] == group.replica_port:
+            timeline.promoted = time.time()
+            try:  # kombu raises the server's refusal to the caller
+                send_task(-3)
+                timeline.emitted[-3] = "stock"
+            except Exception as exc:  # noqa: BLE001 - kombu.exceptions.OperationalError
+                timeline.stock_refused = f"{type(exc).__name__}: {exc}"
+    elif not timeline.old_master_converted and _role(group.master_port) == "slave":
+        timeline.old_master_converted = time.time()
+    elif timeline.old_master_converted and not timeline.writable and _online_replicas(group.replica_port):
+        timeline.writable = time.time()
+
+
 def _emit_through_failover(app: Litestar, group: Sentinels, sentinel: redis.Redis) -> Timeline:
     """Emit every ``STEP_S``; fail over after ``BEFORE_S``; go on until ``AFTER_S`` after it."""
     timeline = Timeline()
@@ -100,24 +118,16 @@ def _emit_through_failover(app: Litestar, group: Sentinels, sentinel: redis.Redi
             stock.send_task("events.ha_ping", kwargs={"n": -1, "kind": "stock"}, queue=queue)
             sentinel.sentinel_failover(group.master_name)
             timeline.asked = time.time()
-        if timeline.asked and not timeline.promoted:
-            if sentinel.sentinel_get_master_addr_by_name(group.master_name)[1] == group.replica_port:
-                timeline.promoted = time.time()
-            if timeline.promoted:  # stock Celery in the window: kombu raises the server's refusal to the caller
-                try:
-                    stock.send_task("events.ha_ping", kwargs={"n": -3, "kind": "stock"}, queue=queue)
-                    timeline.emitted[-3] = "stock"
-                except Exception as exc:  # noqa: BLE001 - kombu.exceptions.OperationalError
-                    timeline.stock_refused = f"{type(exc).__name__}: {exc}"
-        if timeline.promoted and not timeline.old_master_converted and _role(group.master_port) == "slave":
-            timeline.old_master_converted = time.time()
-        if timeline.old_master_converted and not timeline.writable and _online_replicas(group.replica_port):
-            timeline.writable = time.time()
+        if timeline.asked:
+            _observe(timeline, group, sentinel, lambda marker: stock.send_task(
+                "events.ha_ping", kwargs={"n": marker, "kind": "stock"}, queue=queue))  # fmt: skip
         if timeline.asked and now - timeline.asked >= AFTER_S and timeline.writable:
             break
         if timeline.asked and now - timeline.asked >= 3 * AFTER_S:
             raise TimeoutError(f"the failover did not complete: {timeline}")
         n += 1
+        if n == 10:
+            app.emit("ha_fails", n=1)  # recorded in the failed-events store before the failover
         if n % 5:
             app.emit("ha_ping", n=n, kind="now")
             timeline.emitted[n] = "now"
@@ -128,6 +138,7 @@ def _emit_through_failover(app: Litestar, group: Sentinels, sentinel: redis.Redi
             timeline.due[n] = time.time() + delay
         time.sleep(STEP_S)
     stock.send_task("events.ha_ping", kwargs={"n": -2, "kind": "stock"}, queue=queue)
+    app.emit("ha_fails", n=2)  # and after it
     timeline.emitted[-1] = timeline.emitted[-2] = "stock"
     return timeline
 
@@ -155,7 +166,9 @@ def test_a_sentinel_failover_loses_no_event_runs_none_twice_and_beat_keeps_ticki
     )
     records = Path(env["RECORD_FILE"])
     app = create_app()
-    assert isinstance(app.event_emitter, CeleryEventEmitter)
+    emitter = app.event_emitter
+    assert isinstance(emitter, CeleryEventEmitter)
+    failed = failed_store_for(emitter.config, emitter.celery_app)
     sentinel = redis.Redis(port=group.sentinel_port, socket_timeout=2)
     beat = CeleryProcess(["beat", "--loglevel", "INFO"], env, tmp_path / "beat.log")
     try:
@@ -168,6 +181,7 @@ def test_a_sentinel_failover_loses_no_event_runs_none_twice_and_beat_keeps_ticki
 
             try:
                 wait_for(all_ran, timeout=60, what="every emission to run")
+                wait_for(lambda: failed.count() >= 2, timeout=20, what="both failures in the failed-events store")
             finally:
                 ran = {run["kwargs"]["n"] for run in runs_of(records, "ha_ping")}
                 print(_report(timeline, ran))
@@ -177,11 +191,14 @@ def test_a_sentinel_failover_loses_no_event_runs_none_twice_and_beat_keeps_ticki
         unacked = new_master.hlen("unacked")
         delayed_left = new_master.zcard("celery-events:delayed")
         new_master.close()
+        failures = sorted(record["kwargs"]["n"] for record in failed.records(event_id="ha_fails"))
     finally:
+        failed.close()
         beat.stop()
         sentinel.close()
 
     assert hazard_told is ("--min-replicas-to-write" not in SERVER_ARGS), "the start-up warning, when it applies"
+    assert failures == [1, 2], "the failed-events store took a record before and after the failover"
     runs = runs_of(records, "ha_ping")
     twice = {n: count for n, count in Counter(run["kwargs"]["n"] for run in runs).items() if count > 1}
     assert not twice, f"emissions that ran more than once: {twice}"
