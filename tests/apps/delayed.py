@@ -1,11 +1,13 @@
 """The app of the RabbitMQ delayed-event tests: listeners that record when they ran and what they saw.
 
 Env: ``TEST_QUEUE`` (the event queue), ``TEST_QUEUE_TYPE`` (``classic`` or ``quorum``),
-``DELAY_PREFIX`` and ``DELAY_QUEUE_TYPE`` (the delay levels' names and type), ``RECORD_FILE``.
+``DELAY_PREFIX`` and ``DELAY_QUEUE_TYPE`` (the delay levels' names and type), ``RECORD_FILE``,
+``QUEUE_ARGUMENTS`` (JSON: arguments of the test's queues, e.g. ``x-consumer-timeout``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -33,15 +35,29 @@ def flaky_payment(n: int) -> None:
     record("flaky_payment", n=n)
 
 
-def _celery_config() -> dict[str, Any]:
+ETA_QUEUE_SUFFIX = "-eta"
+
+
+def queues_from_env() -> list[Queue] | None:
+    """``TEST_QUEUE`` (and its ``-eta`` sibling) with ``QUEUE_ARGUMENTS`` (JSON), quorum if ``TEST_QUEUE_TYPE`` says."""
     queue = os.environ["TEST_QUEUE"]
+    arguments: dict[str, Any] = json.loads(os.environ.get("QUEUE_ARGUMENTS") or "{}")
+    names = [queue, queue + ETA_QUEUE_SUFFIX] if arguments else [queue]
+    if os.environ.get("TEST_QUEUE_TYPE") == "quorum":
+        arguments["x-queue-type"] = "quorum"
+    if not arguments:
+        return None
+    return [Queue(name, Exchange(name), routing_key=name, queue_arguments=arguments) for name in names]
+
+
+def _celery_config() -> dict[str, Any]:
     settings: dict[str, Any] = {
         "celery_events_delay_prefix": os.environ["DELAY_PREFIX"],
         "broker_native_delayed_delivery_queue_type": os.environ.get("DELAY_QUEUE_TYPE", "quorum"),
     }
-    if os.environ.get("TEST_QUEUE_TYPE") == "quorum":
-        arguments = {"x-queue-type": "quorum"}
-        settings["task_queues"] = [Queue(queue, Exchange(queue), routing_key=queue, queue_arguments=arguments)]
+    queues = queues_from_env()
+    if queues:
+        settings["task_queues"] = queues
     return settings
 
 
