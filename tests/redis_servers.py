@@ -42,6 +42,11 @@ class Sentinels:
     master_port: int
     replica_port: int
     master_name: str = MASTER_NAME
+    other_replica_ports: tuple[int, ...] = ()
+
+    @property
+    def replica_ports(self) -> tuple[int, ...]:
+        return (self.replica_port, *self.other_replica_ports)
 
 
 def unavailable(reason: str) -> None:
@@ -179,14 +184,18 @@ def start_sentinel_group(
     down_after_ms: int = 5000,
     server_args: tuple[str, ...] = (),
     master_name: str = MASTER_NAME,
+    replicas: int = 1,
 ) -> Sentinels:
-    """A master, its replica and one Sentinel watching them (quorum 1), ready: the Sentinel sees the replica.
+    """A master, its replicas and one Sentinel watching them (quorum 1), ready: the Sentinel sees the replicas.
 
-    ``server_args`` go to both data servers (e.g. ``--min-replicas-to-write 1``).
+    ``server_args`` go to every data server (e.g. ``--min-replicas-to-write 1``). The master is the
+    first process ``servers`` started here.
     """
-    master, replica, sentinel = free_port(), free_port(), free_port()
+    master, sentinel = free_port(), free_port()
+    replica_ports = [free_port() for _ in range(replicas)]
     servers.start([*_base(master), *server_args], folder, master)
-    servers.start([*_base(replica), *server_args, "--replicaof", "127.0.0.1", str(master)], folder, replica)
+    for replica in replica_ports:
+        servers.start([*_base(replica), *server_args, "--replicaof", "127.0.0.1", str(master)], folder, replica)
     conf = folder / "sentinel.conf"  # Sentinel rewrites its config file: it must be its own, writable
     conf.write_text(
         f"port {sentinel}\nbind 127.0.0.1\ndir {folder}\n"
@@ -198,20 +207,20 @@ def start_sentinel_group(
     try:
         wait_for(lambda: node.sentinel_get_master_addr_by_name(master_name), timeout=15, what="sentinel's master")
 
-        def replica_known() -> bool:
-            return bool(node.sentinel_slaves(master_name))
+        def replicas_known() -> bool:
+            return len(node.sentinel_slaves(master_name)) >= replicas
 
-        wait_for(replica_known, timeout=20, what="sentinel to see the replica")
+        wait_for(replicas_known, timeout=20, what="sentinel to see the replicas")
     finally:
         node.close()
     with redis.Redis(port=master, socket_timeout=2) as primary:
 
-        def replica_online() -> bool:
-            return any(isinstance(v, dict) and v.get("state") == "online" for v in _replicas(primary))
+        def replicas_online() -> bool:
+            return sum(isinstance(v, dict) and v.get("state") == "online" for v in _replicas(primary)) >= replicas
 
-        wait_for(replica_online, timeout=20, what="the replica to finish its first sync")
+        wait_for(replicas_online, timeout=20, what="the replicas to finish their first sync")
     time.sleep(0.1)
-    return Sentinels(sentinel, master, replica, master_name)
+    return Sentinels(sentinel, master, replica_ports[0], master_name, tuple(replica_ports[1:]))
 
 
 def _replicas(node: redis.Redis) -> list[object]:

@@ -13,6 +13,7 @@ every queue again. Needs Redis >= 6.2 (``BLMOVE``); on an older server the chann
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,8 @@ __all__ = (
     "Transport",
     "use_reliable_fetch",
 )
+
+logger = logging.getLogger("litestar_celery_events.worker")
 
 RELIABLE_REDIS_TRANSPORT = "litestar_celery_events.runtime.redis_fetch:Transport"
 """The ``broker_transport`` the worker sets for a ``redis://``/``rediss://`` broker."""
@@ -91,6 +94,32 @@ def use_reliable_fetch(celery_app: Celery) -> None:
 
 
 class QoS(kombu_redis.QoS):  # type: ignore[misc]  # kombu is untyped
+    def restore_unacked(self, client: Any = None) -> None:
+        """Give the delivered, unacknowledged messages back when the channel closes, if the broker is there.
+
+        kombu's tries even after the connection was torn down (its pool is gone; a new one needs the
+        connection's settings, already dropped: ``AttributeError: 'NoneType' object has no attribute
+        'hostname'``), and that error stops the worker: seen when the master is killed mid-stream.
+        The messages stay recorded in ``unacked``, from where ``restore_visible`` brings them back.
+        """
+        transport = getattr(self.channel, "connection", None)
+        if transport is None or getattr(transport, "client", None) is None:
+            logger.warning(
+                "%d delivered message(s) not restored now (the broker connection is gone); they come back "
+                "after visibility_timeout",
+                len(self._delivered),
+            )
+            self._delivered.clear()
+            return
+        try:
+            super().restore_unacked(client)
+        except self.channel.connection_errors as exc:
+            logger.warning(
+                "%d delivered message(s) not restored now (%s); they come back after visibility_timeout",
+                len(self._delivered), exc,
+            )  # fmt: skip
+            self._delivered.clear()
+
     def append(self, message: Any, delivery_tag: Any) -> None:
         if self.channel.took_recorded(delivery_tag):  # the Lua script recorded it already
             kombu_redis.virtual.QoS.append(self, message, delivery_tag)

@@ -36,7 +36,10 @@ def ha_tick() -> None:
 
 
 def celery_settings() -> dict[str, Any]:
-    return {"broker_transport_options": {"master_name": os.environ["SENTINEL_MASTER"]}}
+    options: dict[str, Any] = {"master_name": os.environ["SENTINEL_MASTER"]}
+    if os.environ.get("VISIBILITY_TIMEOUT_S"):
+        options["visibility_timeout"] = float(os.environ["VISIBILITY_TIMEOUT_S"])
+    return {"broker_transport_options": options}
 
 
 def stock_celery_app() -> Celery:

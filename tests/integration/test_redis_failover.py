@@ -3,10 +3,11 @@
 A private Sentinel group (master, replica, one Sentinel; ``redis-server --sentinel``) is the
 broker of a real ``celery -A worker worker`` and ``celery -A worker beat``. The test emits
 immediate and delayed events every 50 ms, sends a stock Celery task through the same Sentinel
-settings, then asks the Sentinel to fail over (``SENTINEL FAILOVER``: the replica is promoted,
-the old master is later turned into its replica) and keeps emitting until the old master has
-been converted. Every emission must run, none twice; delayed events due after the failover run;
-beat's ticks go on, each once; nothing is left unacknowledged for a later redelivery.
+settings, then either asks the Sentinel to fail over (``SENTINEL FAILOVER``: the replica is
+promoted, the old master is later turned into its replica) or kills the master (SIGKILL; a second
+replica then follows the promoted one), and keeps emitting until the new master takes writes.
+Every emission must run, none twice; delayed events due after the failover run; beat's ticks go
+on, each once; nothing is left unacknowledged for a later redelivery.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Timeline:
     asked: float = 0.0
     promoted: float = 0.0
     old_master_converted: float = 0.0
+    new_master_port: int = 0
     writable: float = 0.0
     """When the new master had a replica again (``min-replicas-to-write``: writes accepted)."""
     stock_refused: str = ""
@@ -63,12 +65,32 @@ class Timeline:
 
 
 @pytest.fixture
-def group(tmp_path: Path) -> Iterator[Sentinels]:
-    servers = RedisProcesses()
+def servers() -> Iterator[RedisProcesses]:
+    processes = RedisProcesses()
     try:
-        yield start_sentinel_group(servers, tmp_path, down_after_ms=1000, server_args=SERVER_ARGS)
+        yield processes
     finally:
-        servers.stop()
+        processes.stop()
+
+
+@dataclass(frozen=True)
+class Way:
+    """How the master goes: ``SENTINEL FAILOVER`` (it becomes a replica later), or killed for good."""
+
+    replicas: int
+    after_s: float
+    kill: bool
+    down_after_ms: int = 1000
+    visibility_timeout_s: str = ""
+    """kombu's ``visibility_timeout`` (default one hour) when a message can be stranded in ``unacked``."""
+
+
+WAYS = {
+    # One replica, as the issue asks: the new master takes writes once the old one resynced from it.
+    "sentinel-failover": Way(replicas=1, after_s=AFTER_S, kill=False),
+    # Killed: with min-replicas-to-write 1 a second replica must be there, or no write is ever taken again.
+    "master-killed": Way(replicas=2, after_s=8.0, kill=True, down_after_ms=2000, visibility_timeout_s="10"),
+}
 
 
 def _role(port: int) -> str:
@@ -92,21 +114,27 @@ def _online_replicas(port: int) -> int:
 def _observe(timeline: Timeline, group: Sentinels, sentinel: redis.Redis, send_task: Callable[[int], Any]) -> None:
     """Note the failover's steps as they happen; once promoted, try stock Celery's ``send_task`` in the window."""
     if not timeline.promoted:
-        if sentinel.sentinel_get_master_addr_by_name(group.master_name)[1] == group.replica_port:
-            timeline.promoted = time.time()
+        port = int(sentinel.sentinel_get_master_addr_by_name(group.master_name)[1])
+        if port != group.master_port:
+            timeline.promoted, timeline.new_master_port = time.time(), port
             try:  # kombu raises the server's refusal to the caller
                 send_task(-3)
                 timeline.emitted[-3] = "stock"
             except Exception as exc:  # noqa: BLE001 - kombu.exceptions.OperationalError
                 timeline.stock_refused = f"{type(exc).__name__}: {exc}"
-    elif not timeline.old_master_converted and _role(group.master_port) == "slave":
+        return
+    if not timeline.old_master_converted and _role(group.master_port) == "slave":
         timeline.old_master_converted = time.time()
-    elif timeline.old_master_converted and not timeline.writable and _online_replicas(group.replica_port):
-        timeline.writable = time.time()
+    if not timeline.writable:  # the master now (a loaded machine may see a second failover)
+        timeline.new_master_port = int(sentinel.sentinel_get_master_addr_by_name(group.master_name)[1])
+        if _online_replicas(timeline.new_master_port):
+            timeline.writable = time.time()
 
 
-def _emit_through_failover(app: Litestar, group: Sentinels, sentinel: redis.Redis) -> Timeline:
-    """Emit every ``STEP_S``; fail over after ``BEFORE_S``; go on until ``AFTER_S`` after it."""
+def _emit_through_failover(
+    app: Litestar, group: Sentinels, sentinel: redis.Redis, way: Way, servers: RedisProcesses
+) -> Timeline:
+    """Emit every ``STEP_S``; fail over after ``BEFORE_S``; go on until ``way.after_s`` after it."""
     timeline = Timeline()
     stock = stock_celery_app()
     queue = app.event_emitter.config.default_queue  # type: ignore[attr-defined]
@@ -116,12 +144,15 @@ def _emit_through_failover(app: Litestar, group: Sentinels, sentinel: redis.Redi
         now = time.time()
         if not timeline.asked and now - start >= BEFORE_S:
             stock.send_task("events.ha_ping", kwargs={"n": -1, "kind": "stock"}, queue=queue)
-            sentinel.sentinel_failover(group.master_name)
+            if way.kill:
+                servers.procs[0].kill()  # the master this test started: SIGKILL, Sentinel notices in 1 s
+            else:
+                sentinel.sentinel_failover(group.master_name)
             timeline.asked = time.time()
         if timeline.asked:
             _observe(timeline, group, sentinel, lambda marker: stock.send_task(
                 "events.ha_ping", kwargs={"n": marker, "kind": "stock"}, queue=queue))  # fmt: skip
-        if timeline.asked and now - timeline.asked >= AFTER_S and timeline.writable:
+        if timeline.asked and now - timeline.asked >= way.after_s and timeline.writable:
             break
         if timeline.asked and now - timeline.asked >= 3 * AFTER_S:
             raise TimeoutError(f"the failover did not complete: {timeline}")
@@ -155,13 +186,19 @@ def _report(timeline: Timeline, ran: set[int]) -> str:
     )
 
 
+@pytest.mark.parametrize("way", list(WAYS), ids=list(WAYS))
 def test_a_sentinel_failover_loses_no_event_runs_none_twice_and_beat_keeps_ticking(
-    group: Sentinels, use_env: Callable[..., dict[str, str]], tmp_path: Path
+    way: str, servers: RedisProcesses, use_env: Callable[..., dict[str, str]], tmp_path: Path
 ) -> None:
+    how = WAYS[way]
+    group = start_sentinel_group(
+        servers, tmp_path, down_after_ms=how.down_after_ms, server_args=SERVER_ARGS, replicas=how.replicas
+    )
     env = use_env(
         f"sentinel://127.0.0.1:{group.sentinel_port}",
         app=APP,
         SENTINEL_MASTER=group.master_name,
+        VISIBILITY_TIMEOUT_S=how.visibility_timeout_s,
         HEARTBEAT_EVERY_S="1",
     )
     records = Path(env["RECORD_FILE"])
@@ -174,7 +211,7 @@ def test_a_sentinel_failover_loses_no_event_runs_none_twice_and_beat_keeps_ticki
     try:
         with celery_worker(env, tmp_path / "worker.log", queues=env["TEST_QUEUE"]) as worker, TestClient(app):
             beat.wait_ready(marker="beat: Starting...")
-            timeline = _emit_through_failover(app, group, sentinel)
+            timeline = _emit_through_failover(app, group, sentinel, how, servers)
 
             def all_ran() -> bool:
                 return {run["kwargs"]["n"] for run in runs_of(records, "ha_ping")} >= set(timeline.emitted)
@@ -187,7 +224,7 @@ def test_a_sentinel_failover_loses_no_event_runs_none_twice_and_beat_keeps_ticki
                 print(_report(timeline, ran))
             time.sleep(3)  # a late duplicate would show up now
             hazard_told = "min-replicas-to-write 0" in worker.output() + beat.output()
-        new_master = redis.Redis(port=group.replica_port, socket_timeout=2)
+        new_master = redis.Redis(port=timeline.new_master_port, socket_timeout=2)
         unacked = new_master.hlen("unacked")
         delayed_left = new_master.zcard("celery-events:delayed")
         new_master.close()
@@ -208,6 +245,11 @@ def test_a_sentinel_failover_loses_no_event_runs_none_twice_and_beat_keeps_ticki
     assert len(late) >= 5, "delayed events due after the failover ran"
     assert all(r["kwargs"]["at"] >= timeline.due[r["kwargs"]["n"]] - 0.05 for r in late), "never early"
 
+    _assert_ticks(records, timeline, how.after_s)
+
+
+def _assert_ticks(records: Path, timeline: Timeline, after_s: float) -> None:
+    """Each tick ran once, and beat ticks every second again once writes are taken."""
     ticks = runs_of(records, "ha_tick")
     tick_counts = Counter(run["kwargs"]["tick"] for run in ticks)
     assert all(count == 1 for count in tick_counts.values()), f"a tick ran twice: {tick_counts}"
@@ -215,4 +257,4 @@ def test_a_sentinel_failover_loses_no_event_runs_none_twice_and_beat_keeps_ticki
     gaps = [(round(b - timeline.asked, 1), round(b - a, 1)) for a, b in pairwise(stamps) if b - a > 1]
     print(f"ticks: {len(stamps)}; (seconds after the failover, gap) over 1 s: {gaps}")
     after = [stamp for stamp in stamps if stamp > timeline.writable]
-    assert len(after) >= AFTER_S - (timeline.writable - timeline.asked) - 2, "beat ticks every second again"
+    assert len(after) >= after_s - (timeline.writable - timeline.asked) - 2, "beat ticks every second again"

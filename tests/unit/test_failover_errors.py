@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import redis
@@ -109,3 +110,20 @@ def test_a_master_without_min_replicas_to_write_is_named_a_failover_hazard(repli
         hazard = failover_hazard(client)
     assert hazard is not None
     assert "min-replicas-to-write 1" in hazard
+
+
+def test_delivered_messages_are_left_in_unacked_when_the_connection_is_already_gone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """kombu's restore at channel close needs the connection's settings; once dropped, it stopped the worker."""
+    from litestar_celery_events.runtime.redis_fetch import QoS
+
+    channel = mock.Mock()
+    channel.connection.client = None  # what kombu leaves after a lost connection was collected
+    qos = QoS(channel)
+    qos._delivered["tag-1"] = mock.Mock()
+    with caplog.at_level("WARNING", logger="litestar_celery_events.worker"):
+        qos.restore_unacked()
+    assert not qos._delivered
+    assert "come back after visibility_timeout" in caplog.text
+    channel.conn_or_acquire.assert_not_called()
