@@ -186,7 +186,7 @@ def main() -> None:  # noqa: PLR0915 - a script that reads top to bottom
 
     from litestar.testing import TestClient
 
-    from litestar_celery_events.stores.failed import failed_store_for
+    from litestar_celery_events.stores.state import failed_store_for
 
     workdir = Path(tempfile.mkdtemp(prefix="soak-"))
     port = free_port()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,9 @@ class Outbox(Protocol):
     ) -> Any:
         """The outbox of one emitter: ``submit`` hands an emission to its publisher, the relay publishes
         through ``open_transport()`` and hands a message the broker refuses to ``on_refused``."""
+
+    def database_url(self) -> Any:
+        """The outbox's database (an SQLAlchemy URL): the shared state's home when the broker is not Redis."""
 
 
 def _require_positive(config: object, *names: str) -> None:
@@ -182,9 +186,14 @@ class CeleryEventsConfig:
     (sync listeners on a thread pool beside it): ``celery -A worker worker`` then uses the pool
     ``litestar_celery_events.runtime.aio_pool:AsyncListenerPool`` with ``worker_concurrency`` set to
     this. ``None``: Celery's own pool settings (prefork by default). Needs the ``async`` extra."""
+    state_url: str | None = None
+    """The store every worker, beat and web process shares: cancels of delayed events and beat's tick
+    claims (brokers other than Redis), failed events and the listener ledger. A ``redis://``/``rediss://``
+    URL or an SQLAlchemy database URL (``postgresql+psycopg://...``, ``sqlite:///path``; the ``sql``
+    extra). Default: the broker's Redis, else the outbox's database, else SQLite under ``data_dir``
+    (one machine: a warning at start-up when the broker is not the embedded one)."""
     failed_store_url: str | None = None
-    """Where failed events are recorded: a ``redis://`` URL or ``sqlite:///path``. Default: the
-    broker's Redis when the broker is Redis, else ``data_dir/failed.sqlite3`` (one machine)."""
+    """Deprecated name of ``state_url`` (a ``DeprecationWarning``); kept for one release."""
     outbox: Outbox | None = None
     """``SQLAlchemyOutbox(<advanced-alchemy config>)``: ``emit`` inside a request (or ``outbox.bind(session)``)
     whose session has a transaction open is published only if that transaction commits, and survives a
@@ -195,7 +204,7 @@ class CeleryEventsConfig:
     listener_ledger: bool | None = None
     """Runs once: workers record each listener that completed for an emission and skip it if the emission
     comes again (a relay racing the publish, a redelivery). ``None``: on with an ``outbox``. Kept in the
-    broker's Redis, else in the outbox database."""
+    state store (``state_url``)."""
     listener_ledger_retention_s: float = DEFAULT_LEDGER_RETENTION_S
     """How long a completed run is remembered; a duplicate arriving later runs the listener again."""
 
@@ -229,6 +238,7 @@ class CeleryEventsConfig:
         if self.worker_shutdown_timeout_s < 0:
             raise ValueError("worker_shutdown_timeout_s must not be negative")
         _require_positive(self, "outbox_relay_after_s", "listener_ledger_retention_s")
+        _check_failed_store_url(self.state_url, self.failed_store_url)
         _check_async_concurrency(self.async_concurrency)
         if self.spool_after_events < 0 or self.max_spooled_events < 1:
             raise ValueError("spool_after_events must be >= 0 and max_spooled_events >= 1")
@@ -248,3 +258,16 @@ class CeleryEventsConfig:
 
     def listener_task_name(self, event_id: str, listener_name: str) -> str:
         return listener_task_name(self.task_name_prefix, event_id, listener_name)
+
+
+def _check_failed_store_url(state_url: str | None, failed_store_url: str | None) -> None:
+    if failed_store_url is None:
+        return
+    if state_url is not None and state_url != failed_store_url:
+        raise ValueError("state_url and failed_store_url (its old name) name different stores; set only state_url")
+    warnings.warn(
+        "CeleryEventsConfig(failed_store_url=...) is deprecated: use state_url=..., which also holds "
+        "cancels, beat's ticks and the listener ledger",
+        DeprecationWarning,
+        stacklevel=4,
+    )

@@ -154,7 +154,7 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
     def record_refused(self, emission: Emission, reason: str) -> None:
         """An emission the broker never takes (too big): one failed-events record per listener it was for."""
         from litestar_celery_events.contract.failures import ListenerFailure
-        from litestar_celery_events.stores.failed import failed_store_for
+        from litestar_celery_events.stores.state import failed_store_for
 
         listeners = emission.listeners
         if listeners is None and emission.task_name != self.config.event_task_name(emission.event_id):

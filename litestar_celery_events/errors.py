@@ -10,6 +10,7 @@ __all__ = (
     "OutboxConfigError",
     "PayloadTooLargeError",
     "PluginNotInstalledError",
+    "StateStoreError",
 )
 
 
@@ -42,3 +43,8 @@ class PluginNotInstalledError(TypeError):
 
 class OutboxConfigError(RuntimeError):
     """The transactional outbox cannot work as configured (raised at start-up, naming the fix)."""
+
+
+class StateStoreError(RuntimeError):
+    """The shared state store (``state_url``) is not usable: a bad URL, a missing extra, or unreachable
+    at start-up (raised then, naming the setting, never at the first cancel or failure)."""

@@ -11,6 +11,7 @@ from litestar_celery_events.emitter import CeleryEventEmitter
 
 if TYPE_CHECKING:
     from click import Group
+    from litestar import Litestar
     from litestar.config.app import AppConfig
 
 __all__ = ("CeleryEventsPlugin",)
@@ -28,6 +29,7 @@ class CeleryEventsPlugin(InitPluginProtocol, CLIPluginProtocol):
         # Litestar instantiates the backend with only ``listeners=``: the config rides on a subclass.
         # The dependencies dict is the one later plugins (advanced-alchemy's db_session) add to.
         app_config.event_emitter_backend = CeleryEventEmitter.bound_to(self.config, app_config.dependencies)
+        app_config.on_startup.append(_warn_if_state_not_shared)
         if self.config.outbox is not None:
             from litestar_celery_events.outbox import remember_request_scope, start_outbox, stop_outbox
 
@@ -40,3 +42,11 @@ class CeleryEventsPlugin(InitPluginProtocol, CLIPluginProtocol):
         from litestar_celery_events.cli import events_group
 
         cli.add_command(events_group)
+
+
+def _warn_if_state_not_shared(app: Litestar) -> None:
+    from litestar_celery_events.emitter import emitter_of
+    from litestar_celery_events.stores.state import warn_if_not_shared
+
+    emitter = emitter_of(app)
+    warn_if_not_shared(emitter.config, emitter.celery_app, "web process")

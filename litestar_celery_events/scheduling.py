@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from litestar_celery_events.brokers import is_amqp_url, redact_url
 from litestar_celery_events.contract.periodic import PeriodicEvent
 from litestar_celery_events.emitter import emitter_of
-from litestar_celery_events.stores.schedule import RedisScheduleStore, ScheduleStore, eta_of, schedule_store_for
+from litestar_celery_events.stores.schedule import RedisScheduleStore, ScheduleStore, eta_of
+from litestar_celery_events.stores.state import schedule_store_for, state_store_of
 from litestar_celery_events.transports.amqp_delay import MAX_DELAY_S, DelayLevels, target_queue_problem
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ class _Scheduled:
             emitter = self._emitter()
             if emitter is None:
                 raise RuntimeError("the event emitter is gone")
-            self._store = schedule_store_for(emitter.celery_app, emitter.config.resolved_data_dir)
+            self._store = schedule_store_for(state_store_of(emitter.config, emitter.celery_app), emitter.celery_app)
         return self._store
 
     def remember(self, emission_id: str, due: float) -> None:
@@ -140,8 +141,10 @@ def _scheduled_of(emitter: CeleryEventEmitter) -> _Scheduled:
 
 def scheduling_status(emitter: CeleryEventEmitter, timeout_s: float) -> dict[str, Any]:
     """For ``events status``: where delayed events wait (and how many), and each periodic event's last tick."""
-    store = schedule_store_for(emitter.celery_app, emitter.config.resolved_data_dir, timeout_s)
+    state = state_store_of(emitter.config, emitter.celery_app)
+    store = schedule_store_for(state, emitter.celery_app, timeout_s)
     status: dict[str, Any] = {
+        "state_store": state.location,
         "delayed_events_wait_in": _where_delayed_events_wait(emitter, store),
         "periodic": [{"name": p.key, "event_id": p.event_id} for p in emitter.config.periodic],
     }

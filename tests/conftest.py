@@ -123,6 +123,26 @@ def postgres_server() -> str:
     return "127.0.0.1:5432"
 
 
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture(scope="session")
+def pg_database(postgres_server: str) -> Iterator[str]:
+    """A database of its own for this session on the machine's PostgreSQL (dropped at the end)."""
+    from sqlalchemy import create_engine, text
+
+    name = f"lce_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 @pytest.fixture(params=["redis", "amqp"])
 def broker_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue(f"{request.param}_url"))

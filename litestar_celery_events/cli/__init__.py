@@ -17,8 +17,8 @@ from litestar_celery_events.emitter import CeleryEventEmitter
 from litestar_celery_events.emitter import emitter_of as _emitter_of
 from litestar_celery_events.errors import PluginNotInstalledError
 from litestar_celery_events.scheduling import scheduling_status
-from litestar_celery_events.stores.failed import failed_store_for
 from litestar_celery_events.stores.spool import spool_depth
+from litestar_celery_events.stores.state import failed_store_for
 from litestar_celery_events.transports import transport_for
 
 if TYPE_CHECKING:

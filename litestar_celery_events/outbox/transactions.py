@@ -26,7 +26,6 @@ from sqlalchemy.orm import Session
 from litestar_celery_events.brokers import redact_url
 from litestar_celery_events.errors import EventBufferFullError, OutboxConfigError
 from litestar_celery_events.outbox.relay import OutboxRelay
-from litestar_celery_events.stores.ledger import ledger_table
 from litestar_celery_events.stores.outbox import (
     DATABASE_ERRORS,
     DEFAULT_OUTBOX_TABLE,
@@ -36,6 +35,7 @@ from litestar_celery_events.stores.outbox import (
     sync_url,
     write_rows,
 )
+from litestar_celery_events.stores.sql_state import state_tables
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -83,7 +83,7 @@ class SQLAlchemyOutbox:
         self.alchemy = alchemy
         metadata = metadata_registry.get(alchemy.bind_key)
         self.table = outbox_table(metadata, table_name)
-        ledger_table(metadata)  # the listener ledger's home when the broker is not Redis
+        state_tables(metadata)  # the shared state's home when the broker is not Redis (Alembic sees them)
         self.relay_batch_size = relay_batch_size
 
     def database_url(self) -> URL:

@@ -24,7 +24,7 @@ from litestar_celery_events.runtime.lifespan import install_worker_lifespan
 from litestar_celery_events.runtime.observability import install_worker_observability
 from litestar_celery_events.runtime.redis_fetch import use_reliable_fetch
 from litestar_celery_events.runtime.tasks import register_event_tasks
-from litestar_celery_events.stores.failed import failed_store_for
+from litestar_celery_events.stores.state import check_state_store, failed_store_for
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -66,6 +66,7 @@ def create_worker_app(litestar_app: Litestar | str | None = None) -> Celery:
     run_once = run_once_for(emitter, celery_app)
     register_event_tasks(celery_app, emitter.registry, emitter.config, listener_scope, run_once)
     install_scheduling(celery_app, emitter)
+    check_state_store(emitter.config, celery_app, "celery worker")  # unreachable: stop here, naming state_url
     record_failures_in(failed_store_for(emitter.config, celery_app))
     record_refused_messages(celery_app, emitter.config)
     install_worker_lifespan(celery_app, app, emitter)  # pool children, or the main process (solo, threads)

@@ -25,7 +25,8 @@ from litestar_celery_events.brokers import redact_url
 from litestar_celery_events.contract.message import encode_body
 from litestar_celery_events.contract.periodic import PeriodicEvent
 from litestar_celery_events.runtime.mover import install_mover
-from litestar_celery_events.stores.schedule import RedisScheduleStore, schedule_store_for
+from litestar_celery_events.stores.schedule import RedisScheduleStore
+from litestar_celery_events.stores.state import check_state_store, schedule_store_for
 from litestar_celery_events.transports import KombuTransport
 from litestar_celery_events.transports.base import origin_nodename
 from litestar_celery_events.transports.redis import redis_envelope
@@ -128,7 +129,9 @@ class EventScheduler(Scheduler):  # type: ignore[misc]  # celery is untyped here
         self.pending: dict[str, tuple[float, Emission]] = {}
         """Per schedule, its latest tick the broker could not take, retried every ``TICK_RETRY_S``."""
         self._claimed: dict[str, float] = {}  # per schedule, the last tick this beat claimed (SQLite path)
-        self.store: ScheduleStore = schedule_store_for(self.emitter.celery_app, self.emitter.config.resolved_data_dir)
+        self.store: ScheduleStore = schedule_store_for(
+            check_state_store(self.emitter.config, self.emitter.celery_app, "celery beat"), self.emitter.celery_app
+        )
         self.fired = 0
         super().__init__(*args, **kwargs)
 

@@ -1,7 +1,7 @@
 """Runs once: the worker skips listeners the ledger says already completed for an emission.
 
-On by default with an outbox (``CeleryEventsConfig.listener_ledger``). Where the ledger lives: the
-broker's Redis when the broker is Redis, else the outbox database. A ledger that cannot be reached
+On by default with an outbox (``CeleryEventsConfig.listener_ledger``). The ledger lives in the state
+store (``state_url``: by default the broker's Redis, else the outbox database). A ledger that cannot be reached
 never stops a listener: the run goes ahead (at-least-once, as without a ledger) and a warning says so.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from litestar_celery_events.brokers import is_redis_url, redact_url, redis_settings
-from litestar_celery_events.stores.ledger import RedisListenerLedger, SqlListenerLedger, ledger_table
+from litestar_celery_events.brokers import redact_url
+from litestar_celery_events.stores.state import ledger_for
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -70,15 +70,4 @@ def run_once_for(emitter: CeleryEventEmitter, celery_app: Celery) -> RunOnce | N
     enabled = config.listener_ledger if config.listener_ledger is not None else emitter.outbox is not None
     if not enabled:
         return None
-    retention_s = config.listener_ledger_retention_s
-    if is_redis_url(str(celery_app.conf.broker_write_url)):
-        settings = redis_settings(celery_app)
-        namespace = f"{settings.global_keyprefix}{config.task_name_prefix}:done"
-        return RunOnce(RedisListenerLedger(settings.open(), namespace, retention_s))
-    if emitter.outbox is None:
-        raise ValueError(
-            "listener_ledger=True needs a Redis broker or an outbox (CeleryEventsConfig(outbox=SQLAlchemyOutbox(...))) "
-            "to keep the ledger in"
-        )
-    store = emitter.outbox.outbox.open_store()
-    return RunOnce(SqlListenerLedger(store.engine, ledger_table(store.table.metadata), retention_s))
+    return RunOnce(ledger_for(config, celery_app))

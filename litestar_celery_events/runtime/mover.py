@@ -13,16 +13,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import redis
 from celery import bootsteps, signals
 from kombu.common import Broadcast
 
 from litestar_celery_events.brokers import is_amqp_url, redact_url, retry_delay_s, worth_logging
-from litestar_celery_events.config import DEFAULT_DATA_DIR, CeleryEventsConfig
+from litestar_celery_events.config import CeleryEventsConfig
 from litestar_celery_events.contract.message import DUE_AT_HEADER
-from litestar_celery_events.stores.schedule import RedisScheduleStore, SqliteScheduleStore, schedule_store_for
+from litestar_celery_events.stores.schedule import ArrivalCheckedStore, RedisScheduleStore
+from litestar_celery_events.stores.state import schedule_store_for, state_store_of
 from litestar_celery_events.transports.amqp_delay import DelayLevels
 
 if TYPE_CHECKING:
@@ -168,21 +169,23 @@ def forget_dead_letter_headers(task: Task) -> None:
 def cancelled_before_run(task: Task) -> bool:
     """For the event task: True if this delayed emission (RabbitMQ's delay levels or Celery's ETA) was cancelled.
 
-    The one place that asks the cancel set (today SQLite under ``data_dir``).
+    The one place that asks the cancel set (in the state store, ``state_url``).
     """
     request = task.request
     if request.eta is None and request.get(DUE_AT_HEADER) is None:
         return False
     store = _stores.get(id(task.app))
     if store is None:
-        data_dir = getattr(task.app, "celery_events_data_dir", None)
-        store = _stores[id(task.app)] = schedule_store_for(task.app, data_dir or DEFAULT_DATA_DIR)
+        state = getattr(task.app, "celery_events_state", None)
+        if state is None:  # an app install_mover never saw: the defaults' store
+            state = state_store_of(CeleryEventsConfig(), task.app)
+        store = _stores[id(task.app)] = schedule_store_for(state, task.app)
     if isinstance(store, RedisScheduleStore):
         # Redis brokers: only a delayed event whose route only kombu can deliver (an exchange that
         # fans out) carries Celery's eta; cancel_scheduled left its tombstone in the store.
         if not store.was_cancelled(str(request.id)):
             return False
-    elif not isinstance(store, SqliteScheduleStore) or store.may_run(str(request.id)):
+    elif cast("ArrivalCheckedStore", store).may_run(str(request.id)):
         return False
     logger.info("event %r emission %s was cancelled before it was due: not run", task.name, request.id)
     return True
@@ -191,11 +194,11 @@ def cancelled_before_run(task: Task) -> bool:
 def install_mover(celery_app: Celery, config: CeleryEventsConfig) -> Mover | None:
     """On Redis brokers: a mover in the worker's main process and in beat (started when they are ready).
     On RabbitMQ: the delay levels, declared by each worker's consumer."""
-    celery_app.celery_events_data_dir = config.resolved_data_dir
+    celery_app.celery_events_state = state = state_store_of(config, celery_app)
     if is_amqp_url(celery_app.conf.broker_url):
         DelayLevels.of(celery_app)  # a bad setting fails here, when the worker or beat loads the app
         celery_app.steps["consumer"].add(DeclareDelayLevels)
-    store = schedule_store_for(celery_app, config.resolved_data_dir)
+    store = schedule_store_for(state, celery_app)
     if not isinstance(store, RedisScheduleStore):
         return None
     mover = Mover(store, config.delayed_poll_interval_s)

@@ -5,12 +5,13 @@ fix (the listener cannot take the emitted arguments, the message names an unregi
 listener, the payload cannot be decoded). One record per (emission, listener): recording the same
 failure again (a redelivery, a replay that fails again) overwrites it instead of adding a copy.
 
-Backends, picked from the config (``failed_store_for``):
+Backends, picked by ``stores.state.failed_store_for`` from the state store (``state_url``):
 
 - the broker's Redis when the broker is Redis: a hash ``<prefix>:failed`` (id -> JSON record) and a
   sorted set ``<prefix>:failed:index`` (id by failure time), so every worker and the CLI share it;
+- an SQL database (``stores.sql_state``): ``state_url`` or the outbox's database;
 - otherwise SQLite at ``<data_dir>/failed.sqlite3``: shared by the processes of one machine (the
-  embedded broker, or RabbitMQ with workers and CLI on the same host).
+  embedded broker).
 """
 
 from __future__ import annotations
@@ -24,22 +25,20 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from kombu.utils import json as kombu_json
 
-from litestar_celery_events.brokers import is_redis_url, redact_url, redis_settings, redis_settings_for_url
-
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from celery import Celery
-
     from litestar_celery_events.brokers import BrokerRedis
-    from litestar_celery_events.config import CeleryEventsConfig
     from litestar_celery_events.contract.failures import ListenerFailure
 
 __all__ = (
     "FailedStore",
     "RedisFailedStore",
     "SqliteFailedStore",
-    "failed_store_for",
+    "dumps_record",
+    "failure_record",
+    "loads_record",
+    "matches",
     "record_id",
 )
 
@@ -52,20 +51,20 @@ def record_id(emission_id: str, listener: str) -> str:
     return hashlib.sha1(f"{emission_id}\0{listener}".encode(), usedforsecurity=False).hexdigest()[:16]
 
 
-def _record(failure: ListenerFailure) -> dict[str, Any]:
+def failure_record(failure: ListenerFailure) -> dict[str, Any]:
     return {"id": record_id(failure.emission_id, failure.listener), **failure.as_dict()}
 
 
-def _dumps(record: dict[str, Any]) -> str:
+def dumps_record(record: dict[str, Any]) -> str:
     """kombu's JSON: the arguments keep their types (datetime, UUID, Decimal, bytes) for a replay."""
     return str(kombu_json.dumps(record, ensure_ascii=False))
 
 
-def _loads(raw: str | bytes) -> dict[str, Any]:
+def loads_record(raw: str | bytes) -> dict[str, Any]:
     return dict(kombu_json.loads(raw))
 
 
-def _matches(record: dict[str, Any], event_id: str | None, listener: str | None) -> bool:
+def matches(record: dict[str, Any], event_id: str | None, listener: str | None) -> bool:
     name = str(record.get("listener", ""))
     return (event_id is None or record.get("event_id") == event_id) and (
         listener is None or name == listener or name.endswith(f".{listener}")
@@ -108,9 +107,9 @@ class RedisFailedStore:
         self._index = f"{namespace}:index"
 
     def add(self, failure: ListenerFailure) -> str:
-        record = _record(failure)
+        record = failure_record(failure)
         pipe = self._redis().pipeline(transaction=True)
-        pipe.hset(self._hash, record["id"], _dumps(record))
+        pipe.hset(self._hash, record["id"], dumps_record(record))
         pipe.zadd(self._index, {record["id"]: record["failed_at"]})
         pipe.execute()
         return str(record["id"])
@@ -120,12 +119,12 @@ class RedisFailedStore:
         ids = cast("list[bytes]", client.zrange(self._index, 0, -1))
         if not ids:
             return []
-        found = [_loads(raw) for raw in client.hmget(self._hash, ids) if raw is not None]
-        return [r for r in found if _matches(r, event_id, listener)]
+        found = [loads_record(raw) for raw in client.hmget(self._hash, ids) if raw is not None]
+        return [r for r in found if matches(r, event_id, listener)]
 
     def get(self, record_id: str) -> dict[str, Any] | None:
         raw = self._redis().hget(self._hash, record_id)
-        return None if raw is None else _loads(raw)
+        return None if raw is None else loads_record(raw)
 
     def delete(self, record_ids: Iterable[str]) -> int:
         ids = list(record_ids)
@@ -178,23 +177,23 @@ class SqliteFailedStore:
         return self._connection
 
     def add(self, failure: ListenerFailure) -> str:
-        record = _record(failure)
+        record = failure_record(failure)
         with self._lock:
             self._db().execute(
                 "INSERT OR REPLACE INTO failed (id, event_id, listener, failed_at, record) VALUES (?, ?, ?, ?, ?)",
-                (record["id"], record["event_id"], record["listener"], record["failed_at"], _dumps(record)),
+                (record["id"], record["event_id"], record["listener"], record["failed_at"], dumps_record(record)),
             )
         return str(record["id"])
 
     def records(self, event_id: str | None = None, listener: str | None = None) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._db().execute("SELECT record FROM failed ORDER BY failed_at, id").fetchall()
-        return [r for r in (_loads(row[0]) for row in rows) if _matches(r, event_id, listener)]
+        return [r for r in (loads_record(row[0]) for row in rows) if matches(r, event_id, listener)]
 
     def get(self, record_id: str) -> dict[str, Any] | None:
         with self._lock:
             row = self._db().execute("SELECT record FROM failed WHERE id = ?", (record_id,)).fetchone()
-        return None if row is None else dict(_loads(row[0]))
+        return None if row is None else dict(loads_record(row[0]))
 
     def delete(self, record_ids: Iterable[str]) -> int:
         with self._lock:
@@ -213,25 +212,3 @@ class SqliteFailedStore:
         if self._connection is not None and self._pid == os.getpid():
             self._connection.close()
         self._connection = None
-
-
-def failed_store_for(config: CeleryEventsConfig, celery_app: Celery, timeout_s: float | None = None) -> FailedStore:
-    """The store for ``config``: ``failed_store_url`` if set, else the broker's Redis, else SQLite.
-
-    On the broker's Redis it connects as Celery does (the app's TLS, Sentinel, failover settings);
-    ``timeout_s`` overrides the socket timeouts (``events status`` answers within it).
-    """
-    url = config.failed_store_url
-    if url is not None and url.startswith("sqlite:///"):
-        return SqliteFailedStore(Path(url.removeprefix("sqlite:///")))
-    if url is not None:
-        if not is_redis_url(url):
-            raise ValueError(
-                f"failed_store_url must be a redis://, rediss:// or sqlite:/// URL, got {redact_url(url)!r}"
-            )
-        return RedisFailedStore(redis_settings_for_url(url).open(timeout_s), f"{config.task_name_prefix}:failed")
-    if url is None and is_redis_url(str(celery_app.conf.broker_write_url)):
-        settings = redis_settings(celery_app)
-        namespace = f"{settings.global_keyprefix}{config.task_name_prefix}:failed"
-        return RedisFailedStore(settings.open(timeout_s), namespace)
-    return SqliteFailedStore(config.resolved_data_dir / SQLITE_FILE)

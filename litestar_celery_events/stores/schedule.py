@@ -6,8 +6,9 @@ of movers (one per worker main process, one per beat) enqueue each due event exa
 cancel either removes the event or finds it already moved. Workers never see an undue event.
 
 Other brokers: the broker carries the delay (RabbitMQ's delay levels; Celery's ETA on the
-embedded broker) and a SQLite file under ``data_dir`` keeps the cancel set and beat's ticks, so
-both survive restarts of processes that share that folder.
+embedded broker) and the state store (``state_url``: a Redis, an SQL database, else a SQLite file
+under ``data_dir``) keeps the cancel set and beat's ticks; the event task asks it when a delayed
+emission arrives (``ArrivalCheckedStore.may_run``).
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 
-from litestar_celery_events.brokers import MAX_AMQP_DELAY_S, is_redis_url, redis_settings
+from litestar_celery_events.brokers import MAX_AMQP_DELAY_S
 from litestar_celery_events.brokers.failover import failover_hazard
 from litestar_celery_events.stores.lua import lua_script
 
 if TYPE_CHECKING:
-    from celery import Celery
     from redis.client import Pipeline
 
     from litestar_celery_events.brokers import BrokerRedis
@@ -34,13 +34,14 @@ if TYPE_CHECKING:
 __all__ = (
     "CANCEL_MEMORY_S",
     "RedisClusterUnsupportedError",
+    "ArrivalCheckedStore",
+    "RedisFateStore",
     "RedisScheduleStore",
     "ScheduleStore",
     "SqliteScheduleStore",
     "due_timestamp",
     "eta_of",
     "redis_keys",
-    "schedule_store_for",
     "stage_delayed",
 )
 
@@ -93,6 +94,13 @@ class ScheduleStore(Protocol):
         """The latest tick claimed for ``name``, if any."""
 
     def close(self) -> None: ...
+
+
+class ArrivalCheckedStore(ScheduleStore, Protocol):
+    """For brokers that carry the delay: cancel and the event task's ``may_run`` exclude each other."""
+
+    def may_run(self, emission_id: str) -> bool:
+        """Called by the event task of a delayed emission: False if it was cancelled."""
 
 
 class RedisScheduleStore:
@@ -258,8 +266,41 @@ class SqliteScheduleStore:
         """Nothing held open: each call opens and closes its own connection."""
 
 
-def schedule_store_for(celery_app: Celery, data_dir: Any, timeout_s: float | None = None) -> ScheduleStore:
-    """The broker-side store on Redis brokers; otherwise the SQLite fallback under ``data_dir``."""
-    if is_redis_url(celery_app.conf.broker_write_url):
-        return RedisScheduleStore(redis_settings(celery_app).open(timeout_s))  # connects as Celery does
-    return SqliteScheduleStore(Path(data_dir) / "scheduling.sqlite3")
+class RedisFateStore:
+    """Cancels and beat's ticks in a Redis that is not the broker (``state_url=redis://...``).
+
+    One key per delayed emission holds its fate, ``cancelled`` or ``dispatched``: ``SET NX`` lets the
+    first of ``cancel`` and ``may_run`` decide it, for every host at once.
+    """
+
+    def __init__(self, redis: BrokerRedis, key_prefix: str = "") -> None:
+        self._redis = redis
+        base = f"{key_prefix}{KEY_NAMESPACE}"
+        self._fates = f"{base}:fate:"
+        self.ticks = f"{base}:beat:ticks"
+        self.location = redis.location
+
+    def _decide(self, emission_id: str, fate: bytes, ttl_s: float) -> bool:
+        pipe = self._redis.client().pipeline(transaction=True)
+        pipe.set(self._fates + emission_id, fate, nx=True, ex=max(1, int(ttl_s)))
+        pipe.get(self._fates + emission_id)
+        return bool(pipe.execute()[1] == fate)
+
+    def cancel(self, emission_id: str, due_ts: float | None = None) -> bool:
+        now = time.time()
+        forget_after = (now + MAX_AMQP_DELAY_S if due_ts is None else max(now, due_ts)) + CANCEL_MEMORY_S
+        return self._decide(emission_id, b"cancelled", forget_after - now)
+
+    def may_run(self, emission_id: str) -> bool:
+        return self._decide(emission_id, b"dispatched", CANCEL_MEMORY_S)
+
+    def claim_tick(self, name: str, slot: float) -> bool:
+        client = self._redis.client()
+        return bool(lua_script(client, "claim_tick")(keys=[self.ticks], args=[name, repr(slot)], client=client))
+
+    def last_tick(self, name: str) -> float | None:
+        value = self._redis.client().hget(self.ticks, name)
+        return None if value is None else float(value)
+
+    def close(self) -> None:
+        self._redis.close()

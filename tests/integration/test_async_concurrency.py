@@ -21,7 +21,8 @@ from litestar import Litestar
 from litestar.testing import TestClient
 
 from litestar_celery_events import CeleryEventEmitter
-from litestar_celery_events.stores.failed import FailedStore, failed_store_for
+from litestar_celery_events.stores.failed import FailedStore
+from litestar_celery_events.stores.state import failed_store_for
 from tests.apps.concurrent import CONCURRENCY, create_app
 from tests.helpers import CeleryProcess, runs_of, wait_for
 

@@ -25,8 +25,8 @@ from litestar.testing import TestClient
 
 from litestar_celery_events import CeleryEventEmitter, emit_later
 from litestar_celery_events.brokers import BrokerSettingError
-from litestar_celery_events.stores.failed import failed_store_for
-from litestar_celery_events.stores.schedule import RedisScheduleStore, schedule_store_for
+from litestar_celery_events.stores.schedule import RedisScheduleStore
+from litestar_celery_events.stores.state import failed_store_for, schedule_store_for, state_store_of
 from tests.apps.connections import BRING_APP_ENV, SETTINGS_ENV, create_app, stock_celery_app
 from tests.helpers import CeleryProcess, celery_worker, free_port, runs_of, wait_for
 from tests.redis_servers import ACL_PASSWORD, ACL_USER, DEFAULT_PASSWORD, Certs, Sentinels
@@ -152,7 +152,7 @@ def test_events_travel_over_every_connection_stock_celery_makes(
     app = create_app()
     emitter = _emitter(app)
     failed = failed_store_for(emitter.config, emitter.celery_app)
-    delayed = schedule_store_for(emitter.celery_app, emitter.config.resolved_data_dir)
+    delayed = schedule_store_for(state_store_of(emitter.config, emitter.celery_app), emitter.celery_app)
     assert isinstance(delayed, RedisScheduleStore), "every Redis connection has the broker-side delayed store"
     try:
         failed.purge()

@@ -27,7 +27,7 @@ from litestar_celery_events import cancel_scheduled, emit_later
 from litestar_celery_events.cli.replay import replay_emission
 from litestar_celery_events.runtime.mover import Mover
 from litestar_celery_events.runtime.tasks import register_event_tasks
-from litestar_celery_events.stores.schedule import schedule_store_for
+from litestar_celery_events.stores.state import schedule_store_for, state_store_of
 from tests.apps.routed import PRICED_EVENT, ROUTED_EVENT, create_app, queue
 from tests.helpers import CeleryProcess, celery_worker, read_records, redis_server_binary, wait_for
 
@@ -196,7 +196,7 @@ def _library_publishes(case: str, app: Litestar, env: dict[str, str], tmp_path: 
         assert emitter.stop() == 0
     if case == "emit_later-routed" and str(env["CELERY_BROKER_URL"]).startswith("redis://"):
         time.sleep(0.4)  # due now: the mover (one per worker) moves it; here, one move by hand
-        mover = Mover(schedule_store_for(emitter.celery_app, emitter.config.resolved_data_dir), 0.1)  # type: ignore[arg-type]
+        mover = Mover(schedule_store_for(state_store_of(emitter.config, emitter.celery_app), emitter.celery_app), 0.1)  # type: ignore[arg-type]
         assert mover.move_once()[0] == 1
         mover.stop()
 

@@ -21,23 +21,7 @@ from tests.helpers import LoggedProcess, celery_worker, free_port, port_open, re
 
 pytestmark = pytest.mark.integration
 
-PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 LISTENER = "send_welcome_email_handler"
-
-
-@pytest.fixture(scope="session")
-def pg_database(postgres_server: str) -> Iterator[str]:
-    """A database of its own for this session on the machine's PostgreSQL."""
-    name = f"outbox_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield name
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(params=["postgresql+asyncpg", "postgresql+psycopg", "sqlite+aiosqlite"])

@@ -15,7 +15,7 @@ from litestar import Litestar
 
 from litestar_celery_events import CeleryEventsConfig, CeleryEventsPlugin, listener
 from litestar_celery_events.contract.message import Emission
-from litestar_celery_events.stores.failed import failed_store_for
+from litestar_celery_events.stores.state import failed_store_for
 from tests.helpers import free_port, port_open, redis_server_binary, wait_for
 
 pytestmark = pytest.mark.integration

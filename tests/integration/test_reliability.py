@@ -28,7 +28,8 @@ from litestar.testing import TestClient
 
 from litestar_celery_events import CeleryEventEmitter
 from litestar_celery_events.contract.message import Emission, task_headers
-from litestar_celery_events.stores.failed import FailedStore, failed_store_for
+from litestar_celery_events.stores.failed import FailedStore
+from litestar_celery_events.stores.state import failed_store_for
 from tests.apps.reliability import create_app
 from tests.helpers import (
     ROOT,

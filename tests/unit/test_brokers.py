@@ -19,7 +19,8 @@ from litestar_celery_events.brokers import (
     redis_settings,
     redis_settings_for_url,
 )
-from litestar_celery_events.stores.schedule import RedisScheduleStore, schedule_store_for
+from litestar_celery_events.stores.schedule import RedisScheduleStore
+from litestar_celery_events.stores.state import StateStore, schedule_store_for
 from litestar_celery_events.transports import transport_for
 from litestar_celery_events.transports.redis import RedisTransport
 
@@ -232,4 +233,4 @@ def test_every_redis_flavour_gets_the_fast_transport_and_the_broker_side_stores(
 ) -> None:
     app = _app(url, broker_transport_options=options)
     assert isinstance(transport_for(app), RedisTransport)
-    assert isinstance(schedule_store_for(app, tmp_path), RedisScheduleStore)
+    assert isinstance(schedule_store_for(StateStore("local", "", local_dir=tmp_path), app), RedisScheduleStore)

@@ -1,4 +1,5 @@
-"""The failed-events store on both backends: Redis (the private test server) and SQLite."""
+"""The failed-events store on every backend: Redis (the private test server), SQLite under data_dir, and
+an SQL state store (SQLite and PostgreSQL through SQLAlchemy)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,9 @@ from litestar_celery_events import CeleryEventsConfig
 from litestar_celery_events.brokers import redis_settings_for_url
 from litestar_celery_events.celery_app import build_celery_app
 from litestar_celery_events.runtime.failures import ListenerFailure, failure_from_exception
-from litestar_celery_events.stores.failed import (
-    FailedStore,
-    RedisFailedStore,
-    SqliteFailedStore,
-    failed_store_for,
-    record_id,
-)
+from litestar_celery_events.stores.failed import FailedStore, RedisFailedStore, SqliteFailedStore, record_id
+from litestar_celery_events.stores.sql_state import SqlFailedStore, SqlState
+from litestar_celery_events.stores.state import failed_store_for
 
 
 def _failure(
@@ -42,13 +39,19 @@ def _failure(
         )
 
 
-@pytest.fixture(params=["redis", "sqlite"])
+@pytest.fixture(params=["redis", "sqlite", "sql-sqlite", "sql-postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FailedStore]:
     if request.param == "redis":
         url = request.getfixturevalue("redis_url")
         made: FailedStore = RedisFailedStore(redis_settings_for_url(url).open(), f"test-{uuid.uuid4().hex[:8]}:failed")
-    else:
+    elif request.param == "sqlite":
         made = SqliteFailedStore(tmp_path / "failed.sqlite3")
+    elif request.param == "sql-sqlite":
+        made = SqlFailedStore(SqlState(f"sqlite:///{tmp_path}/state.db"))
+    else:
+        database = request.getfixturevalue("pg_database")
+        made = SqlFailedStore(SqlState(f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"))
+        made.purge()
     yield made
     made.purge()
     made.close()
@@ -120,9 +123,10 @@ def test_the_store_follows_the_broker(tmp_path: Path) -> None:
     on_amqp = store_of(CeleryEventsConfig(broker_url="amqp://guest:guest@localhost//", data_dir=str(tmp_path)))
     assert isinstance(on_amqp, SqliteFailedStore)
     assert on_amqp.path == tmp_path / "failed.sqlite3"
-    explicit = store_of(CeleryEventsConfig(broker_url="amqp://x", failed_store_url=f"sqlite:///{tmp_path}/f.db"))
-    assert isinstance(explicit, SqliteFailedStore)
-    assert explicit.path == tmp_path / "f.db"
+    with pytest.warns(DeprecationWarning, match="use state_url"):  # the old name still works, for one release
+        explicit = store_of(CeleryEventsConfig(broker_url="amqp://x", failed_store_url=f"sqlite:///{tmp_path}/f.db"))
+    assert isinstance(explicit, SqlFailedStore)
+    assert explicit.location == f"sqlite:///{tmp_path}/f.db table celery_events_failed"
 
 
 def test_a_password_in_a_listener_error_never_reaches_the_record() -> None:
@@ -184,13 +188,13 @@ def test_an_emission_the_broker_refuses_is_recorded_once_per_listener_with_its_a
     @listener("paid")
     def notify(order: int) -> None: ...
 
-    store_path = tmp_path / "failed.sqlite3"
-    config = CeleryEventsConfig(broker_url="redis://localhost/0", failed_store_url=f"sqlite:///{store_path}")
+    state_url = f"sqlite:///{tmp_path}/state.db"
+    config = CeleryEventsConfig(broker_url="redis://localhost/0", state_url=state_url)
     app = Litestar(listeners=[charge, notify], plugins=[CeleryEventsPlugin(config)])
     emitter = app.event_emitter
     emission = Emission.create("paid", "events.paid", (), {"order": 7}, max_payload_bytes=1000)
     emitter.record_refused(emission, "the message is 3000000 bytes, over this Redis server's limit")  # type: ignore[attr-defined]
-    store = SqliteFailedStore(store_path)
+    store = SqlFailedStore(SqlState(state_url))
     records = store.records(event_id="paid")
     assert sorted(r["listener"].rpartition(".")[2] for r in records) == ["charge", "notify"]
     assert {r["emission_id"] for r in records} == {emission.emission_id}

@@ -347,7 +347,7 @@ def test_a_worker_of_an_app_whose_outbox_table_is_missing_does_not_start(tmp_pat
 
 
 def test_a_relayed_row_the_broker_refuses_goes_to_the_failed_store_and_the_rest_go_out(tmp_path: Path) -> None:
-    from litestar_celery_events.stores.failed import failed_store_for
+    from litestar_celery_events.stores.state import failed_store_for
 
     app = _app(tmp_path, outbox_relay_after_s=60)
     emitter, transport, engine = _started(app)
