@@ -35,6 +35,7 @@ LITESTAR_APP_ENV = "LITESTAR_APP"
 LOG_FORMAT_ENV = "CELERY_EVENTS_LOG_FORMAT"
 """``json``: the worker writes each log record as one JSON object per line."""
 DATA_DIR_ENV = "CELERY_EVENTS_DATA_DIR"
+STATE_URL_ENV = "CELERY_EVENTS_STATE_URL"
 DEFAULT_DATA_DIR = ".celery-events"
 DEFAULT_FLUSH_TIMEOUT_S = 5.0
 DEFAULT_MAX_BUFFERED_EVENTS = 100_000
@@ -190,8 +191,9 @@ class CeleryEventsConfig:
     """The store every worker, beat and web process shares: cancels of delayed events and beat's tick
     claims (brokers other than Redis), failed events and the listener ledger. A ``redis://``/``rediss://``
     URL or an SQLAlchemy database URL (``postgresql+psycopg://...``, ``sqlite:///path``; the ``sql``
-    extra). Default: the broker's Redis, else the outbox's database, else SQLite under ``data_dir``
-    (one machine: a warning at start-up when the broker is not the embedded one)."""
+    extra). Then env ``CELERY_EVENTS_STATE_URL``. Default: the broker's Redis, else the outbox's
+    database, else SQLite under ``data_dir`` (one machine: a warning at start-up when the broker is
+    not the embedded one)."""
     failed_store_url: str | None = None
     """Deprecated name of ``state_url`` (a ``DeprecationWarning``); kept for one release."""
     outbox: Outbox | None = None

@@ -14,6 +14,7 @@ import importlib
 import os
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Column, Float, MetaData, String, Table, Text, create_engine, delete, func, insert, select, update
@@ -84,6 +85,11 @@ def _insert_new(conn: Connection, table: Table, **values: Any) -> bool:
     return True
 
 
+def _dispose(engine: Engine, pid: int) -> None:
+    """Close the engine's connections in the process that opened them; a forked child only forgets them."""
+    engine.dispose(close=os.getpid() == pid)
+
+
 class SqlState:
     """A small blocking engine of its own (remade in a forked child) and the state's tables."""
 
@@ -118,6 +124,7 @@ class SqlState:
             self.metadata.create_all(engine, checkfirst=True)
         except SQLAlchemyError:  # another process created them between the check and the CREATE
             self.metadata.create_all(engine, checkfirst=True)
+        weakref.finalize(self, _dispose, engine, os.getpid())  # a store nobody closed closes its connections
         return engine
 
     def check(self) -> None:
@@ -126,8 +133,8 @@ class SqlState:
             conn.execute(select(1))
 
     def close(self) -> None:
-        if self._engine is not None and self._pid == os.getpid():
-            self._engine.dispose()
+        if self._engine is not None:
+            _dispose(self._engine, self._pid)
         self._engine = None
 
 

@@ -3,7 +3,8 @@
 Cancel tombstones and beat's tick claims (brokers other than Redis), the failed-events store and the
 completed-listener ledger. In order:
 
-1. ``CeleryEventsConfig(state_url=...)`` (``failed_store_url``, its old name, for one release):
+1. ``CeleryEventsConfig(state_url=...)`` (``failed_store_url``, its old name, for one release),
+   else env ``CELERY_EVENTS_STATE_URL``:
    ``redis://``/``rediss://``/``sentinel://``, or an SQLAlchemy URL (``postgresql+psycopg://...``,
    ``sqlite:///shared.db``);
 2. the broker's Redis when the broker is Redis;
@@ -17,6 +18,7 @@ whatever ``state_url`` says: their scripts move messages into the queues in one 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -29,6 +31,7 @@ from litestar_celery_events.brokers import (
     redis_settings,
     redis_settings_for_url,
 )
+from litestar_celery_events.config import STATE_URL_ENV
 from litestar_celery_events.errors import StateStoreError
 
 if TYPE_CHECKING:
@@ -75,7 +78,8 @@ class StateStore:
 
 
 def _configured_url(config: CeleryEventsConfig) -> str | None:
-    return config.state_url or config.failed_store_url  # the config refuses two different ones
+    # The config refuses two different ones; the environment comes after both (as for the broker).
+    return config.state_url or config.failed_store_url or os.environ.get(STATE_URL_ENV) or None
 
 
 def state_store_of(config: CeleryEventsConfig, celery_app: Celery) -> StateStore:
