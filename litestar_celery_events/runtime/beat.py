@@ -128,7 +128,7 @@ class EventScheduler(Scheduler):  # type: ignore[misc]  # celery is untyped here
         self.periodic: dict[str, PeriodicEvent] = {}
         self.pending: dict[str, tuple[float, Emission]] = {}
         """Per schedule, its latest tick the broker could not take, retried every ``TICK_RETRY_S``."""
-        self._claimed: dict[str, float] = {}  # per schedule, the last tick this beat claimed (SQLite path)
+        self._claimed: dict[str, float] = {}  # per schedule, the last tick this beat claimed (not on Redis)
         self.store: ScheduleStore = schedule_store_for(
             check_state_store(self.emitter.config, self.emitter.celery_app, "celery beat"), self.emitter.celery_app
         )

@@ -29,7 +29,7 @@ from litestar import Litestar
 from litestar.testing import TestClient
 
 from litestar_celery_events import CeleryEventEmitter, emit_later
-from litestar_celery_events.stores.failed import failed_store_for
+from litestar_celery_events.stores.state import failed_store_for
 from tests.apps.failover import create_app, stock_celery_app
 from tests.helpers import CeleryProcess, celery_worker, runs_of, wait_for
 from tests.redis_servers import RedisProcesses, Sentinels, start_sentinel_group
