@@ -73,7 +73,9 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
         cls, config: CeleryEventsConfig, app_dependencies: Mapping[str, Any] | None = None
     ) -> type[CeleryEventEmitter]:
         """``app_dependencies`` is read when Litestar builds the backend, after every plugin added its own."""
-        attributes = {"config": config, "app_dependencies": app_dependencies or {}, "__module__": cls.__module__}
+        # The same dict, even while empty: a plugin after this one (advanced-alchemy) fills it in place.
+        dependencies = app_dependencies if app_dependencies is not None else {}
+        attributes = {"config": config, "app_dependencies": dependencies, "__module__": cls.__module__}
         return type(cls.__name__, (cls,), attributes)
 
     @property

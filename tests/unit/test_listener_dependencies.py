@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 from litestar import Litestar, Request
+from litestar.config.app import AppConfig
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import ImproperlyConfiguredException
 from litestar.params import Dependency
+from litestar.plugins import InitPluginProtocol
 
 from litestar_celery_events import CeleryEventsConfig, CeleryEventsPlugin, ListenerSignatureError, listener
 from litestar_celery_events.runtime.app import create_worker_app
@@ -61,6 +63,27 @@ def test_emit_checks_the_emitted_parameters_and_skips_the_injected_ones() -> Non
         with pytest.raises(ListenerSignatureError, match="at most 1 positional"):
             app.emit("order_placed", Order(4, 1.0), Settings("USD"))
     assert events.emitted[0].kwargs == {"order": {"id": 1, "amount": 9.5}}  # the typed payload, not the dependency
+
+
+class ProvidesSettings(InitPluginProtocol):
+    """Adds a dependency in place, as advanced-alchemy's plugin adds ``db_session``."""
+
+    def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        app_config.dependencies.update({"settings": Provide(provide_settings, sync_to_thread=False)})
+        return app_config
+
+
+def test_a_dependency_a_later_plugin_adds_to_an_app_without_dependencies_is_injected() -> None:
+    @listener("order_placed")
+    async def on_order(order_id: int, settings: Settings) -> None:
+        return None
+
+    app = Litestar(listeners=[on_order], plugins=[CeleryEventsPlugin(CeleryEventsConfig()), ProvidesSettings()])
+    with fake_events(app) as events:
+        app.emit("order_placed", order_id=1)  # settings is injected, not emitted
+        with pytest.raises(ListenerSignatureError, match="unexpected keyword argument"):
+            app.emit("order_placed", order_id=2, settings=Settings("USD"))
+    events.assert_emitted("order_placed", order_id=1)
 
 
 def test_a_parameter_named_state_that_is_not_litestars_state_is_emitted() -> None:
