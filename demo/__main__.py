@@ -15,12 +15,13 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPECTED_RUNS = 5
+EXPECTED_RUNS = 6
 TIMEOUT_S = 60.0
 
 
@@ -34,9 +35,13 @@ def _post(url: str, payload: dict[str, Any]) -> Any:
     request = urllib.request.Request(
         url, data=json.dumps(payload).encode(), headers={"content-type": "application/json"}, method="POST"
     )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        print(f"  POST {url.split('/', 3)[-1]:<20} {json.dumps(payload):<55} -> {response.status}")
-        return json.loads(response.read() or b"null")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as error:  # a 4xx the demo asks for (the rolled-back request)
+        status, body = error.code, error.read()
+    print(f"  POST {url.split('/', 3)[-1]:<20} {json.dumps(payload):<55} -> {status}")
+    return json.loads(body or b"null")
 
 
 def _wait(predicate: Any, what: str, procs: list[subprocess.Popen[bytes]]) -> None:
@@ -103,6 +108,8 @@ def main() -> int:
         base = f"http://127.0.0.1:{port}"
         print(f"demo: web app pid {web.pid} on {base}, worker pid {worker.pid}; sending requests")
         _post(f"{base}/users", {"email": "ada@example.com"})
+        print("demo: an invitation that fails after emit: its transaction rolls back, its event is dropped")
+        _post(f"{base}/users/invite", {"email": "mallory@example.com"})
         _post(f"{base}/users/password", {"email": "ada@example.com"})
         _post(f"{base}/users/delete", {"email": "bob@example.com", "reason": "deleted"})
         print("demo: two reminders due in 2 s; the second is cancelled at once")
@@ -122,12 +129,24 @@ def main() -> int:
         ran_at = next(r["kwargs"]["ran_at"] for r in _runs(runs_file) if r["listener"] == "send_trial_reminder")
         print(f"demo: carol's reminder ran {carol} time(s), {ran_at - kept['due_at']:.2f} s after it was due")
         print(f"demo: dave's reminder: cancel_scheduled -> {cancelled['cancelled']}, ran {dave} time(s)")
+        rows = [r["kwargs"] for r in _runs(runs_file) if r["listener"] == "check_user_row"]
+        print(f"demo: ada's user_created ran after the commit: the listener found her row: {rows[0]['user_row_found']}")
+        mallory = [r for r in _runs(runs_file) if r["kwargs"].get("email") == "mallory@example.com"]
+        print(f"demo: mallory's rolled-back request: listener runs {len(mallory)}")
+        outbox = _events_status(env)["outbox"]
+        print(f"demo: litestar events status: outbox depth {outbox['depth']} (rows committed but not yet published)")
         print("demo: done")
         return 0
     finally:
         for proc in procs:
             _stop(proc)
         log.close()
+
+
+def _events_status(env: dict[str, str]) -> Any:
+    command = [sys.executable, "-m", "litestar", "--app", "demo.app:app", "events", "status", "--json"]
+    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout)
 
 
 def _port_open(port: int) -> bool:

@@ -1,7 +1,9 @@
-"""Litestar's event docs examples, unchanged but for the plugin line.
+"""Litestar's event docs examples, unchanged but for the plugin line, on a small database.
 
 Each listener appends what it received, and in which process, to ``<data dir>/demo-runs.jsonl``
-so ``python -m demo`` can show that the worker, not the web process, ran it.
+so ``python -m demo`` can show that the worker, not the web process, ran it. Users live in SQLite
+(advanced-alchemy, env ``DEMO_DATABASE_URL`` to change it); with the outbox, ``user_created``
+follows the request's transaction: published after the commit, never for a rolled-back one.
 """
 
 from __future__ import annotations
@@ -14,24 +16,49 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
+from advanced_alchemy.base import BigIntBase
+from advanced_alchemy.extensions.litestar import SQLAlchemyAsyncConfig, SQLAlchemyPlugin
 from litestar import Litestar, Request, post
+from litestar.di import NamedDependency
 from litestar.enums import RequestEncodingType
 from litestar.events import listener as litestar_listener
+from litestar.exceptions import ClientException
 from litestar.params import Body
+from sqlalchemy import String, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapped, mapped_column
 
 from litestar_celery_events import (
     CeleryEventsConfig,
     CeleryEventsPlugin,
     PeriodicEvent,
+    SQLAlchemyOutbox,
     cancel_scheduled,
     emit_later,
     listener,
 )
 
+DATA_DIR = CeleryEventsConfig().resolved_data_dir  # env CELERY_EVENTS_DATA_DIR, else ./.celery-events
+RUNS_FILE = DATA_DIR / "demo-runs.jsonl"
+
+
+class User(BigIntBase):
+    __tablename__ = "demo_user"
+    email: Mapped[str] = mapped_column(String(200), unique=True)
+
+
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+alchemy = SQLAlchemyAsyncConfig(
+    connection_string=os.environ.get("DEMO_DATABASE_URL") or f"sqlite+aiosqlite:///{DATA_DIR / 'demo.sqlite3'}",
+    before_send_handler="autocommit",  # commit after a 2xx response, roll back otherwise
+    create_all=True,  # the users table and the outbox table
+)
 # Broker: env CELERY_BROKER_URL, else the embedded filesystem broker. `celery -A worker beat`
 # emits "stats_report" every 2 seconds (a celery crontab works too: crontab(hour=7, minute=0)).
-config = CeleryEventsConfig(periodic=[PeriodicEvent("stats_report", timedelta(seconds=2), kwargs={"period": "2s"})])
-RUNS_FILE = config.resolved_data_dir / "demo-runs.jsonl"
+config = CeleryEventsConfig(
+    periodic=[PeriodicEvent("stats_report", timedelta(seconds=2), kwargs={"period": "2s"})],
+    outbox=SQLAlchemyOutbox(alchemy),  # emit inside a request's transaction follows its commit
+)
 
 
 def record(listener_name: str, *args: Any, **kwargs: Any) -> None:
@@ -44,6 +71,12 @@ def record(listener_name: str, *args: Any, **kwargs: Any) -> None:
 @litestar_listener("user_created")  # Litestar's own decorator: runs unchanged on the worker
 async def send_welcome_email_handler(email: str) -> None:
     record("send_welcome_email_handler", email=email)
+
+
+@listener("user_created")  # in the worker, with the app's own database session (injected)
+async def check_user_row(email: str, db_session: AsyncSession) -> None:
+    found = await db_session.scalar(select(User.id).where(User.email == email))
+    record("check_user_row", email=email, user_row_found=found is not None)
 
 
 @listener("user_created", "password_changed")  # one listener, two events
@@ -84,10 +117,25 @@ class DeleteUserDTO:
 
 @post("/users")
 async def create_user_handler(
-    data: Annotated[CreateUserDTO, Body(media_type=RequestEncodingType.JSON)], request: Request[Any, Any, Any]
+    data: Annotated[CreateUserDTO, Body(media_type=RequestEncodingType.JSON)],
+    request: Request[Any, Any, Any],
+    db_session: NamedDependency[AsyncSession],
 ) -> dict[str, str]:
-    request.app.emit("user_created", email=data.email)
+    db_session.add(User(email=data.email))  # the docs' `await user_repository.insert(data)`
+    request.app.emit("user_created", email=data.email)  # held until the transaction commits
     return {"created": data.email}
+
+
+@post("/users/invite")
+async def invite_user_handler(
+    data: Annotated[CreateUserDTO, Body(media_type=RequestEncodingType.JSON)],
+    request: Request[Any, Any, Any],
+    db_session: NamedDependency[AsyncSession],
+) -> dict[str, str]:
+    db_session.add(User(email=data.email))
+    request.app.emit("user_created", email=data.email)
+    # Fails after emit: the 4xx rolls the transaction back, and the held event is dropped with it.
+    raise ClientException(f"invitations are closed; {data.email} was not created")
 
 
 @post("/users/password")
@@ -137,6 +185,7 @@ def cancel_reminder_handler(
 app = Litestar(
     route_handlers=[
         create_user_handler,
+        invite_user_handler,
         change_password_handler,
         delete_user_handler,
         schedule_reminder_handler,
@@ -144,11 +193,12 @@ app = Litestar(
     ],
     listeners=[
         send_welcome_email_handler,
+        check_user_row,
         send_email_handler,
         send_farewell_email_handler,
         notify_customer_support,
         send_trial_reminder,
         report_stats,
     ],
-    plugins=[CeleryEventsPlugin(config)],
+    plugins=[SQLAlchemyPlugin(alchemy), CeleryEventsPlugin(config)],
 )

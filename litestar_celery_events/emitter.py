@@ -64,7 +64,7 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
         self.outbox: TransactionalOutbox | None = None
         if self.config.outbox is not None:
             self.outbox = self.config.outbox.attach(
-                self.config, self.publisher.submit, self._open_transport, self.record_refused
+                self.config, self._publish_committed, self._open_transport, self.record_refused
             )
             self.publisher.on_published = self.outbox.relay.published
 
@@ -148,6 +148,10 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
                 if own:
                     options[self.config.listener_task_name(event_id, spec.name)] = own
         return options
+
+    def _publish_committed(self, emission: Emission) -> None:
+        """The outbox hands a committed emission to whichever publisher is current (a test swaps it)."""
+        self.publisher.submit(emission)
 
     def _open_transport(self) -> Transport:
         """A transport like the publisher's (same broker, routing and task options), for the outbox relay."""

@@ -18,7 +18,15 @@ from pathlib import Path
 import pytest
 
 from litestar_celery_events.transports.amqp_delay import DelayLevels
-from tests.helpers import amqp_queue_exists, delete_delay_levels, free_port, port_open, redis_server_binary, wait_for
+from tests.helpers import (
+    ADVANCED_ALCHEMY_MISSING,
+    amqp_queue_exists,
+    delete_delay_levels,
+    free_port,
+    port_open,
+    redis_server_binary,
+    wait_for,
+)
 
 # TLS, password/ACL, unix socket and Sentinel servers for the connection tests, started on demand.
 pytest_plugins = ["tests.redis_servers"]
@@ -26,13 +34,13 @@ pytest_plugins = ["tests.redis_servers"]
 # advanced-alchemy's Litestar plugin (used by the outbox tests and the worker-lifespan test app) does
 # not import on the lowest supported Litestar (2.12: advanced-alchemy 1.12 needs NamedDependency,
 # Litestar 2.23+); there those modules are not collected, and the run's header names them.
-try:
-    import advanced_alchemy.extensions.litestar  # noqa: F401
-except ImportError as error:
-    ADVANCED_ALCHEMY_MISSING: str | None = str(error)
-    collect_ignore = ["unit/test_outbox.py", "integration/test_outbox.py", "integration/test_worker_app.py"]
-else:
-    ADVANCED_ALCHEMY_MISSING = None
+if ADVANCED_ALCHEMY_MISSING is not None:
+    collect_ignore = [
+        "unit/test_outbox.py",
+        "integration/test_outbox.py",
+        "integration/test_worker_app.py",
+        "integration/test_demo.py",
+    ]
 
 
 def pytest_report_header() -> list[str]:

@@ -10,16 +10,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
+import pytest
 from kombu import Connection
 
 from harness import ROOT, LoggedProcess, free_port, http_get, http_up, port_open, redis_server_binary, wait_for
 
 __all__ = (
+    "ADVANCED_ALCHEMY_MISSING",
     "HAS_NAMED_DEPENDENCY",
     "ROOT",
     "NamedDependency",
     "amqp_queue_exists",
     "delete_delay_levels",
+    "needs_advanced_alchemy",
     "CeleryProcess",
     "LoggedProcess",
     "celery_worker",
@@ -46,6 +49,18 @@ try:
 except ImportError:  # Litestar before 2.23 (2.12 is the lowest supported): a parameter a layer provides needs no mark
     NamedDependency = Annotated[T, "unmarked"]  # type: ignore[misc]
     HAS_NAMED_DEPENDENCY = False
+
+# advanced-alchemy's Litestar plugin (the outbox, the demo's database) does not import on Litestar
+# before 2.23: the tests that need it are not collected or are skipped there (the lowest-versions run).
+try:
+    import advanced_alchemy.extensions.litestar  # noqa: F401
+except ImportError as error:
+    ADVANCED_ALCHEMY_MISSING: str | None = str(error)
+else:
+    ADVANCED_ALCHEMY_MISSING = None
+needs_advanced_alchemy = pytest.mark.skipif(
+    ADVANCED_ALCHEMY_MISSING is not None, reason=f"advanced-alchemy's Litestar plugin: {ADVANCED_ALCHEMY_MISSING}"
+)
 
 
 def amqp_queue_exists(amqp_url: str, queue: str) -> bool:

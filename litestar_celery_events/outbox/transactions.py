@@ -253,7 +253,7 @@ class TransactionalOutbox:
                 "use a database file or a server so relays in other processes can read the outbox"
             )
         try:
-            self.relay.store.check()
+            self._check_or_create_table()
         except OutboxTableMissingError:
             raise OutboxConfigError(
                 f"the outbox table {self.table.name!r} does not exist in {url}: add it to your migrations (it is on "
@@ -262,6 +262,18 @@ class TransactionalOutbox:
             ) from None
         except DATABASE_ERRORS as exc:
             logger.warning("outbox: cannot check table %r in %s now (%s)", self.table.name, url, type(exc).__name__)
+
+    def _check_or_create_table(self) -> None:
+        """With ``create_all=True`` the app creates its tables at start-up, as advanced-alchemy would: a
+        worker or beat started before any web process does not fail on a table not created yet."""
+        store = self.relay.store
+        try:
+            store.check()
+        except OutboxTableMissingError:
+            if not getattr(self.outbox.alchemy, "create_all", False):
+                raise
+            self.table.metadata.create_all(store.engine, checkfirst=True)
+            store.check()
 
     def stop(self) -> None:
         self.relay.stop()

@@ -20,6 +20,7 @@ from flower.options import options as flower_options
 
 from litestar_celery_events.cli import FLOWER_TASKS_COLUMNS
 from litestar_celery_events.config import BROKER_URL_ENV, DATA_DIR_ENV, LITESTAR_APP_ENV, LOG_FORMAT_ENV
+from tests.helpers import needs_advanced_alchemy
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((ROOT / "tests" / "compose" / "compose-spec.json").read_text())
@@ -120,6 +121,7 @@ def test_dockerfile_copies_files_that_exist_and_installs_extras_that_exist() -> 
     assert cmd == OUR_SERVICES["web"]["command"]
 
 
+@needs_advanced_alchemy  # the demo app keeps its users in a database
 def test_the_web_healthcheck_asks_for_a_page_the_demo_app_serves() -> None:
     from litestar.testing import TestClient
 

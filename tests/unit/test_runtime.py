@@ -7,6 +7,7 @@ import pytest
 from litestar_celery_events import load_litestar_app
 from litestar_celery_events.runtime.event_loop import run_coroutine
 from litestar_celery_events.runtime.tasks import first_retry_countdown
+from tests.helpers import needs_advanced_alchemy
 
 
 def test_async_listeners_share_one_long_lived_loop_per_process() -> None:
@@ -41,6 +42,7 @@ def test_no_app_and_no_env_is_a_clear_error_not_a_demo_fallback(monkeypatch: pyt
         load_litestar_app()
 
 
+@needs_advanced_alchemy  # the demo app keeps its users in a database
 def test_the_app_named_by_litestar_app_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LITESTAR_APP", "demo.app:app")
     assert "/users" in {route.path for route in load_litestar_app().routes}
