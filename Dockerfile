@@ -15,7 +15,7 @@ WORKDIR /app
 COPY pyproject.toml README.md LICENSE ./
 COPY litestar_celery_events ./litestar_celery_events
 COPY worker ./worker
-RUN pip install '.[flower]' 'uvicorn>=0.30'
+RUN pip install '.[flower,outbox]' 'uvicorn>=0.30'
 
 # The demo app (LITESTAR_APP=demo.app:app); replace with your own application's code.
 COPY demo ./demo
