@@ -216,15 +216,17 @@ def _targets(r: dict[str, Any]) -> list[str]:  # noqa: PLR0915 - one row per tar
         for variant, label in (("memory", "in-memory buffer"), ("spool", "disk spool")):
             m = mem.get(variant)
             if m:
+                half = _num(mem.get("down_s", 10) / 2, 0)
+                spooled = variant == "spool"
                 row(
-                    f"Web RSS, broker down 10 s at 1,000 events/s ({label})",
+                    f"Web RSS, broker down {_num(mem.get('down_s', 10), 0)} s at 1,000 events/s ({label})",
                     f"+{_num(m['growth_mb'], 1)} MB ({_num(m['rss_before_outage_mb'], 1)} → "
-                    f"{_num(m['rss_peak_outage_mb'], 1)}; first 5 s +{_num(m.get('growth_first_half_mb'), 1)}, "
-                    f"last 5 s +{_num(m.get('growth_second_half_mb'), 1)}) "
+                    f"{_num(m['rss_peak_outage_mb'], 1)}; first {half} s +{_num(m.get('growth_first_half_mb'), 1)}, "
+                    f"last {half} s +{_num(m.get('growth_second_half_mb'), 2)}) "
                     f"for {_num(m['max_waiting_events'])} waiting; "
                     f"delivered {_num(m['in_broker'])}/{_num(m['emitted'])}",
-                    "flat",
-                    "",
+                    "flat: last half < +1 MB" if spooled else "bounded (max_buffered_events)",
+                    _met(m.get("growth_second_half_mb"), 1.0, higher_is_better=False) if spooled else "",
                 )
     sched = r.get("scheduling", {}).get("scheduling") if isinstance(r.get("scheduling"), dict) else None
     if sched:

@@ -38,6 +38,8 @@ logger = logging.getLogger("litestar_celery_events.stores.spool")
 
 SPOOL_FOLDER = "spool"
 SQLITE_BUSY_TIMEOUT_S = 30.0
+SPOOL_CACHE_KIB = 256
+"""SQLite page cache of a spool connection, in KiB."""
 _COLUMNS = (
     "event_id, emission_id, task_name, body, queue, emitted_at, eta, countdown, listeners, retries, extra_headers"
 )
@@ -93,6 +95,9 @@ class SpoolFile:
         self._db = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # A small page cache: the spool only appends and reads its head, so a big one buys nothing and
+        # only grows the web process (SQLite's default is 2 MB per connection).
+        self._db.execute(f"PRAGMA cache_size=-{SPOOL_CACHE_KIB}")
         self._db.execute(f"CREATE TABLE IF NOT EXISTS spool (seq INTEGER PRIMARY KEY AUTOINCREMENT, {_COLUMNS})")
         self.count = int(self._db.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
 

@@ -274,3 +274,22 @@ def test_a_refused_message_in_the_spool_is_handed_on_and_the_rows_after_it_are_p
     assert refused == ["id-7"]
     wait_for(lambda: publisher.spooled == 0, what="the spool to empty")
     assert publisher.stop() == 0
+
+
+def test_a_spool_file_keeps_a_small_page_cache_so_an_outage_does_not_grow_the_web_process(tmp_path: Path) -> None:
+    # SQLite's default page cache (2 MB a connection) was the web process's growth during an outage
+    # (python -m bench --only memory: flat once warm; the cache is the warm-up).
+    import fcntl
+    import os
+
+    from litestar_celery_events.stores.spool import SPOOL_CACHE_KIB, SpoolFile
+
+    path = tmp_path / "spool.sqlite3"
+    fd = os.open(SpoolFile.lock_path(path), os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    spool = SpoolFile(path, fd)
+    try:
+        assert spool._db.execute("PRAGMA cache_size").fetchone()[0] == -SPOOL_CACHE_KIB
+    finally:
+        spool.close()
+    assert SPOOL_CACHE_KIB <= 512
