@@ -88,7 +88,9 @@ class OutboxRelay:
             with self._lock:
                 if self._pid != os.getpid():
                     self._reset_after_fork()
-        self._relaying = self._relaying or relay
+        if relay and not self._relaying:
+            self._relaying = True
+            logger.info("outbox: process %d relays rows whose owner is gone (lease %.0f s)", os.getpid(), self.lease_s)
         thread = self._thread
         if thread is None or not thread.is_alive():
             with self._lock:

@@ -170,6 +170,9 @@ class TransactionalOutbox:
         self.outbox = outbox
         self.table = outbox.table
         self._submit = submit
+        self.relays_orphans = True
+        """Whether this process also relays rows a dead process left (a worker's pool children leave
+        that to their main process: one relay per worker, not one per child)."""
         self._scope_key: str = outbox.alchemy.session_scope_key
         self.relay = relay
         self.dropped = 0
@@ -241,9 +244,9 @@ class TransactionalOutbox:
         self.check_table()
 
     async def start(self, app: Litestar) -> None:
-        """Web start-up (after advanced-alchemy's lifespan, so ``create_all`` ran): check, start the relay."""
+        """Start-up (after advanced-alchemy's lifespan, so ``create_all`` ran): check, start the relay."""
         await anyio.to_thread.run_sync(self.check, app)
-        self.relay.ensure_started(relay=True)
+        self.relay.ensure_started(relay=self.relays_orphans)
 
     def check_table(self) -> None:
         url = redact_url(self.outbox.database_url().render_as_string(hide_password=True))

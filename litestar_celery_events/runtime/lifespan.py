@@ -222,6 +222,8 @@ def install_worker_lifespan(celery_app: Celery, app: Litestar, emitter: CeleryEv
     def on_child_start(**_: Any) -> None:
         if not in_pool_child():
             return
+        if emitter.outbox is not None:
+            emitter.outbox.relays_orphans = False  # the worker's main process relays for all of them
         try:
             lifespan.start()
         except BaseException as exc:  # noqa: BLE001 - reported, then the child exits

@@ -6,6 +6,7 @@ its own session, PostgreSQL (asyncpg and psycopg, a database per session) and SQ
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import uuid
@@ -126,6 +127,9 @@ def test_with_the_outbox_every_listener_run_finds_its_row_sequential_and_concurr
     missing = [r["email"] for r in found if not r["found"]]
     assert missing == [], f"{len(missing)} listener runs did not find their user"
     wait_for(lambda: outbox_rows(database_url) == 0, timeout=10, what="the outbox rows to be cleared")
+    # One relay per worker (its main process), not one per pool child.
+    worker_log = (Path(env["RECORD_FILE"]).parent / "worker.log").read_text()
+    assert len(re.findall(r"outbox: process \d+ relays rows", worker_log)) == 1, worker_log[-3000:]
 
 
 @pytest.mark.parametrize("database_url", ["postgresql+asyncpg", "sqlite+aiosqlite"], indirect=True)
