@@ -219,6 +219,8 @@ class OutboxStore:
     def claim(self, owner: str, now: float, lease_until: float, limit: int) -> list[Claimed]:
         """Take up to ``limit`` rows whose lease ran out, oldest first: they become ``owner``'s with a
         fresh lease (if this relay dies too, another one takes them after that)."""
+        if self._skip_locked:  # PostgreSQL: one statement, and concurrent relays each take other rows
+            return self._claim_skip_locked(owner, now, lease_until, limit)
         table = self.table
         due = (
             select(table.c.id, table.c.event_id, table.c.owner, table.c.message)
@@ -226,8 +228,6 @@ class OutboxStore:
             .order_by(table.c.lease_until)
             .limit(limit)
         )
-        if self._skip_locked:  # concurrent relays each take other rows instead of queueing behind a lock
-            due = due.with_for_update(skip_locked=True)
         with self.engine.begin() as conn:
             rows = conn.execute(due).all()
             taken: set[str] = set()
@@ -242,6 +242,29 @@ class OutboxStore:
                 )
                 taken.update(renewed.scalars())
         claimed = [Claimed(emission_of(r.event_id, r.id, r.message), r.owner) for r in rows if r.id in taken]
+        claimed.sort(key=lambda c: c.emission.emitted_at)
+        return claimed
+
+    def _claim_skip_locked(self, owner: str, now: float, lease_until: float, limit: int) -> list[Claimed]:
+        """``UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING``: one round trip per batch."""
+        table = self.table
+        due = (
+            select(table.c.id, table.c.owner)
+            .where(table.c.lease_until < now)
+            .order_by(table.c.lease_until)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .cte("due")
+        )
+        take = (
+            table.update()
+            .where(table.c.id == due.c.id)
+            .values(owner=owner, lease_until=lease_until)
+            .returning(table.c.id, table.c.event_id, table.c.message, due.c.owner.label("previous_owner"))
+        )
+        with self.engine.begin() as conn:
+            rows = conn.execute(take).all()
+        claimed = [Claimed(emission_of(r.event_id, r.id, r.message), r.previous_owner) for r in rows]
         claimed.sort(key=lambda c: c.emission.emitted_at)
         return claimed
 
