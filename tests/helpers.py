@@ -88,7 +88,9 @@ def delete_delay_levels(amqp_url: str, levels: DelayLevels, if_empty: bool = Fal
 def read_records(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    complete = text[: text.rfind("\n") + 1]  # a line another process is still writing is read next time
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 def runs_of(path: Path, listener: str) -> list[dict[str, Any]]:

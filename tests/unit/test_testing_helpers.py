@@ -25,7 +25,7 @@ from litestar_celery_events import (
 )
 from litestar_celery_events.testing import ListenerFailedError, fake_events, inline_events
 from tests.apps import recording, typed
-from tests.helpers import ROOT, read_records, runs_of
+from tests.helpers import ROOT, needs_advanced_alchemy, read_records, runs_of
 
 
 @pytest.fixture(autouse=True)
@@ -140,6 +140,7 @@ def _readme_example() -> str:
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
+@needs_advanced_alchemy  # the example tests the demo app, whose users live in a database
 def test_the_readme_example_runs_as_written() -> None:
     namespace: dict[str, object] = {}
     exec(compile(_readme_example(), "README.md", "exec"), namespace)
