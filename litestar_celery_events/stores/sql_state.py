@@ -120,10 +120,15 @@ class SqlState:
         elif self._timeout_s is not None and self._url.get_backend_name() == "postgresql":
             connect_args["connect_timeout"] = max(1, int(self._timeout_s))
         engine = create_engine(self._url, pool_pre_ping=True, pool_size=2, connect_args=connect_args)
-        try:
-            self.metadata.create_all(engine, checkfirst=True)
-        except SQLAlchemyError:  # another process created them between the check and the CREATE
-            self.metadata.create_all(engine, checkfirst=True)
+        # Another process may create a table between the check and the CREATE; each retry gets past
+        # at least one table, so one attempt per table always suffices.
+        for attempts_left in range(len(self.metadata.tables), -1, -1):
+            try:
+                self.metadata.create_all(engine, checkfirst=True)
+                break
+            except SQLAlchemyError:
+                if not attempts_left:
+                    raise
         weakref.finalize(self, _dispose, engine, os.getpid())  # a store nobody closed closes its connections
         return engine
 
