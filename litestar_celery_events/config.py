@@ -136,6 +136,10 @@ class CeleryEventsConfig:
     event with an error log. Never silent."""
     flush_timeout_s: float = DEFAULT_FLUSH_TIMEOUT_S
     """On shutdown, how long to keep publishing what is buffered before giving up (and logging)."""
+    publish_on_event_loop: bool = True
+    """In an async app on a plain Redis broker (no TLS, no Sentinel), publish from the app's event
+    loop on a non-blocking connection while the broker answers; the publisher thread takes over
+    for anything else (delays, failures, shutdown). ``False``: always the thread."""
     publish_batch_size: int = 500
     """Most messages the publisher sends in one round trip."""
     publish_batch_bytes: int = DEFAULT_PUBLISH_BATCH_BYTES

@@ -7,6 +7,7 @@ thread, so the event loop never waits for the broker.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -94,6 +95,12 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
 
     async def __aenter__(self) -> CeleryEventEmitter:
         self.start()
+        if self.config.publish_on_event_loop:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not asyncio (trio under anyio): the thread publishes
+                return self
+            self.publisher.publish_on_loop(loop)
         return self
 
     async def __aexit__(

@@ -20,6 +20,7 @@ from litestar_celery_events.batches import BatchSizer
 from litestar_celery_events.brokers import redact_url, retry_delay_s, worth_logging
 from litestar_celery_events.errors import EventBufferFullError
 from litestar_celery_events.publisher.counts import PublisherCounts
+from litestar_celery_events.publisher.on_loop import LoopPublishing
 from litestar_celery_events.publisher.spooling import SpoolFallback
 from litestar_celery_events.transports import Transport, transport_for
 from litestar_celery_events.transports.routing import EventRouter
@@ -45,7 +46,7 @@ MAX_PUBLISH_INTERVAL_S = 0.02
 each carries a batch: a round trip costs ~100x the CPU of adding one message to it."""
 
 
-class Publisher(SpoolFallback):
+class Publisher(SpoolFallback, LoopPublishing):
     """A bounded buffer of emissions and the thread that drains it to the broker."""
 
     def __init__(
@@ -76,7 +77,7 @@ class Publisher(SpoolFallback):
         self._in_flight: list[Emission] = []
         self._flush_deadline_passed = False
         self._count_lock = threading.Lock()  # emit may run on several threads (sync handlers)
-        self.emitted = 0
+        self._emitted_by_thread: dict[int, int] = {}
         self.adopted = 0
         self.published = 0
         self.refused = 0  # the broker would never take them (too big): in the failed-events store
@@ -92,6 +93,12 @@ class Publisher(SpoolFallback):
         self._watched_since = 0.0
         self._spooled_in_flight: set[str] = set()
         self.on_published: Callable[[list[Emission]], None] | None = None  # the outbox's: deletes their rows
+        self._init_loop_state()
+
+    @property
+    def emitted(self) -> int:
+        """Events handed to this publisher since it started."""
+        return sum(list(self._emitted_by_thread.values()))
 
     @property
     def pending(self) -> int:
@@ -112,7 +119,7 @@ class Publisher(SpoolFallback):
         """Events not yet taken by the broker: buffered, in flight, or in the spool."""
         # A stalled batch is in the spool and in flight at once: count it once.
         in_flight = 0 if self._spooled_in_flight else len(self._in_flight)
-        return len(self._buffer) + in_flight + self.spooled
+        return len(self._buffer) + in_flight + self._loop_waiting + self.spooled
 
     def counts(self) -> PublisherCounts:
         return PublisherCounts(
@@ -136,10 +143,12 @@ class Publisher(SpoolFallback):
             # A forked child (a Celery pool process): the parent publishes what it buffered, and the
             # parent's broker connection is left alone (closing it here could close it for both).
             self._buffer.clear()
-            self.emitted = self.adopted = self.published = self.lost = self.refused = self._dropped_from_memory = 0
+            self._emitted_by_thread = {}
+            self.adopted = self.published = self.lost = self.refused = self._dropped_from_memory = 0
             if self._owns_transport:
                 self._transport = transport_for(self._celery_app, self._task_options)
             self._pid = os.getpid()
+            self._init_loop_state()  # the parent's event loop is not this process's
         if self.spool is not None:
             before = self.spool.depth
             self.adopted += self.spool.adopt_orphans() - before  # what a dead process left goes out first
@@ -150,8 +159,10 @@ class Publisher(SpoolFallback):
     def submit(self, emission: Emission) -> None:
         """Hand ``emission`` to the publisher thread (no network I/O on the caller's thread)."""
         self._accept(emission)
-        with self._count_lock:
-            self.emitted += 1
+        # Per thread (emit may run on several: sync handlers), so no lock and no lost count.
+        counts = self._emitted_by_thread
+        thread = threading.get_ident()
+        counts[thread] = counts.get(thread, 0) + 1
 
     def _accept(self, emission: Emission) -> None:
         spool = self.spool
@@ -174,8 +185,7 @@ class Publisher(SpoolFallback):
         buffer.append(emission)
         if spool is not None and spool.active:  # the publisher began spooling meanwhile: join it on disk
             spool.spill(buffer)
-        if self._idle:
-            self._wakeup.set()
+        self._wake_drainer()
 
     def _overflow(self, emission: Emission) -> None:
         if self._config.buffer_full_policy == "raise":
@@ -200,20 +210,22 @@ class Publisher(SpoolFallback):
             return 0
         deadline = time.monotonic() + (self._config.flush_timeout_s if timeout_s is None else timeout_s)
         self._stopping = True
+        loop = self._leave_loop()
         self._wakeup.set()
         spool = self.spool
         # In flight too: a batch that fails (or holds a refused message) goes back to the buffer first.
-        while (self._buffer or self._in_flight or (spool and spool.active)) and thread.is_alive():
+        while (self._buffer or self._in_flight or self._loop_waiting or (spool and spool.active)) and thread.is_alive():
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.005)
         self._flush_deadline_passed = True
         self._wakeup.set()
         thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
-        unpublished = list(self._buffer) + (self._in_flight if thread.is_alive() else [])
+        unpublished = self._loop_unpublished() + list(self._buffer) + (self._in_flight if thread.is_alive() else [])
         self._buffer.clear()  # now counted as spooled or lost, not waiting
         self._in_flight = []
         self._thread = None
+        self._close_loop_connection(loop)
         if spool is not None:
             refused = spool.put(unpublished) if unpublished else []
             on_disk = spool.close()
@@ -279,14 +291,14 @@ class Publisher(SpoolFallback):
                     return
                 failures = self._publish_from_spool(spool, failures)
                 continue
-            if not self._buffer:
-                if self._stopping:
+            if not self._buffer and self._stopping:
+                if not self._loop_waiting:
                     return
-                self._idle = True
-                if not self._buffer:
-                    self._wakeup.wait(IDLE_WAIT_S)
-                self._idle = False
-                self._wakeup.clear()
+                self._wakeup.wait(0.005)  # writes from the loop await their replies
+                continue
+            self._maybe_resume_loop(failures)
+            if self._on_loop or not self._buffer:
+                self._wait_idle()
                 continue
             if self._flush_deadline_passed:
                 return
@@ -323,6 +335,15 @@ class Publisher(SpoolFallback):
                 rest = started + interval - time.monotonic()
                 if rest > 0:
                     time.sleep(rest)
+
+    def _wait_idle(self) -> None:
+        """Nothing for the thread to publish (its buffer is empty, or the event loop publishes): wait."""
+        self._idle = True
+        if not self._buffer or self._on_loop:
+            self._wakeup.wait(IDLE_WAIT_S)
+        self._idle = False
+        self._wakeup.clear()
+        self._nudge_loop()
 
     def _report_published(self, batch: list[Emission]) -> None:
         """Sent, or refused and recorded as failed: either way the outbox's rows of ``batch`` are done."""
