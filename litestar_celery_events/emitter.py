@@ -59,6 +59,7 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
             self.celery_app, self.config, task_options=self.task_options(), on_refused=self.record_refused
         )
         self._check_route = self.publisher.route.check
+        self._task_names: dict[str, str] = {}  # an event's task name, built once (events come from the code)
         self._running = False
         self._trace: Callable[[Emission], None] | None = emission_tracer()  # None without opentelemetry
         # With an outbox, an emission made inside an open transaction waits for its commit.
@@ -134,9 +135,12 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
         payloads = self.registry.payloads  # empty unless some listener or declaration has typed parameters
         if payloads and event_id in payloads:
             args, kwargs = payloads[event_id].encode(event_id, args, kwargs)
+        task_name = self._task_names.get(event_id)
+        if task_name is None:
+            task_name = self._task_names[event_id] = self.config.event_task_name(event_id)
         emission = Emission.create(
             event_id,
-            self.config.event_task_name(event_id),
+            task_name,
             args,
             kwargs,
             max_payload_bytes=self.config.max_payload_bytes,

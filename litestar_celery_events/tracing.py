@@ -38,12 +38,14 @@ def emission_tracer() -> Callable[[Emission], None] | None:
     otel = otel_modules()
     if otel is None:
         return None
-    trace, propagate, _ = otel
+    trace, propagate, context = otel
     tracer = trace.get_tracer(TRACER_NAME)
     producer = trace.SpanKind.PRODUCER
+    current_context = context.get_current
 
     def trace_emission(emission: Emission) -> None:
-        if not trace.get_current_span().get_span_context().is_valid:
+        # An untraced request has an empty context: one lookup instead of finding no span in it.
+        if not current_context() or not trace.get_current_span().get_span_context().is_valid:
             return  # no trace in progress: nothing to continue
         attributes = {
             "messaging.system": "celery",
