@@ -21,6 +21,7 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from litestar_celery_events.brokers import redact_url
+from litestar_celery_events.publisher.spooling import SPOOL_WHEN_STALLED_S
 from litestar_celery_events.transports.redis import (
     MIN_LINK_BYTES_PER_S,
     RedisTransport,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
     from litestar_celery_events.batches import BatchSizer
     from litestar_celery_events.contract.message import Emission
+    from litestar_celery_events.stores.spool import Spool
     from litestar_celery_events.transports import Transport
     from litestar_celery_events.transports.redis_loop import LoopEndpoint
     from litestar_celery_events.transports.routing import Destination
@@ -69,6 +71,7 @@ class LoopPublishing:
     _idle: bool
     _broker: str
     published: int
+    spool: Spool | None
     _report_published: Callable[[list[Emission]], None]
 
     def _init_loop_state(self) -> None:
@@ -179,6 +182,8 @@ class LoopPublishing:
         payload = lpush_commands(runs)
         assert self._loop is not None and self._endpoint is not None
         timeout_s = self._endpoint.timeout_s + len(payload) / MIN_LINK_BYTES_PER_S
+        if self.spool is not None:  # as the thread: a broker that hangs this long sends events to the spool
+            timeout_s = min(timeout_s, SPOOL_WHEN_STALLED_S)
         overdue = self._loop.call_later(timeout_s, self._reply_overdue)
         self._loop_written.append(_Written(batch, len(runs), overdue))
         try:
