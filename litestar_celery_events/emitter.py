@@ -59,6 +59,8 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
             self.celery_app, self.config, task_options=self.task_options(), on_refused=self.record_refused
         )
         self._check_route = self.publisher.route.check
+        self.publish_from_loop = True
+        """False in a worker: its listeners' emits keep going through the publisher thread."""
         self._task_names: dict[str, str] = {}  # an event's task name, built once (events come from the code)
         self._running = False
         self._trace: Callable[[Emission], None] | None = emission_tracer()  # None without opentelemetry
@@ -96,7 +98,7 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
 
     async def __aenter__(self) -> CeleryEventEmitter:
         self.start()
-        if self.config.publish_on_event_loop:
+        if self.config.publish_on_event_loop and self.publish_from_loop:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # not asyncio (trio under anyio): the thread publishes

@@ -94,6 +94,7 @@ class WorkerLifespan:
 
     def start(self) -> None:
         """Start the emitter, enter the lifespan and run ``worker_on_startup``; raise what start-up raised."""
+        self.emitter.publish_from_loop = False  # the process loop runs listeners: the thread publishes
         self.emitter.start()  # idempotent; listeners may emit, so every such process publishes
         started: concurrent.futures.Future[None] = concurrent.futures.Future()
         loop = process_loop()

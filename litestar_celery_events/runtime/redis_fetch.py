@@ -120,6 +120,31 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]  # kombu is untyped
             )  # fmt: skip
             self._delivered.clear()
 
+    def ack(self, delivery_tag: Any) -> None:
+        if self._torn_down("acknowledged", delivery_tag):
+            return
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if self._torn_down("rejected", delivery_tag):
+            return
+        super().reject(delivery_tag, requeue=requeue)
+
+    def _torn_down(self, what: str, delivery_tag: Any) -> bool:
+        """A message delivered on a channel whose connection is gone since (the master killed): kombu's
+        ack would need that connection's settings and stops the worker (``AttributeError: 'NoneType'
+        object has no attribute 'client'``). It stays in ``unacked`` and comes back after
+        visibility_timeout (at-least-once; the ledger skips listeners that completed)."""
+        transport = getattr(self.channel, "connection", None)
+        if transport is not None and getattr(transport, "client", None) is not None:
+            return False
+        self._delivered.pop(delivery_tag, None)
+        logger.warning(
+            "a message could not be %s: its broker connection is gone; it comes back after visibility_timeout",
+            what,
+        )
+        return True
+
     def append(self, message: Any, delivery_tag: Any) -> None:
         if self.channel.took_recorded(delivery_tag):  # the Lua script recorded it already
             kombu_redis.virtual.QoS.append(self, message, delivery_tag)

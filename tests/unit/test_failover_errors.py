@@ -127,3 +127,20 @@ def test_delivered_messages_are_left_in_unacked_when_the_connection_is_already_g
     assert not qos._delivered
     assert "come back after visibility_timeout" in caplog.text
     channel.conn_or_acquire.assert_not_called()
+
+
+@pytest.mark.parametrize("settle", ["ack", "reject"])
+def test_settling_a_message_after_its_connection_went_away_does_not_stop_the_worker(
+    settle: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from litestar_celery_events.runtime.redis_fetch import QoS
+
+    channel = mock.Mock()
+    channel.connection.client = None  # the master was killed after the message was delivered
+    qos = QoS(channel)
+    qos._delivered["tag-1"] = mock.Mock()
+    with caplog.at_level("WARNING", logger="litestar_celery_events.worker"):
+        getattr(qos, settle)("tag-1")  # kombu's own raises AttributeError here and the worker stops
+    assert "tag-1" not in qos._delivered
+    assert "comes back after visibility_timeout" in caplog.text
+    channel.conn_or_acquire.assert_not_called()
