@@ -67,9 +67,12 @@ def test_a_request_and_the_listeners_it_triggered_share_one_trace_and_the_worker
             assert client.post("/orders/42/pay").status_code == 202
 
         def worker_done() -> list[dict[str, Any]] | None:
+            # A span is written when it ends, a listener's before the task span around it: wait for both
+            # listeners and for both task spans (the event's and the retry's), or a read can fall between.
             spans = read_records(span_file)
             listener_spans = [s for s in spans if s["name"].startswith("listener ") and s["status"] != "ERROR"]
-            return spans if len(listener_spans) >= 2 else None
+            task_spans = [s for s in spans if s["kind"] == "CONSUMER"]
+            return spans if len(listener_spans) >= 2 and len(task_spans) >= 2 else None
 
         worker_spans = wait_for(worker_done, timeout=30, what="the worker's spans of both listeners")
         log = worker.output()
