@@ -61,7 +61,15 @@ def test_a_cancel_holds_on_every_worker_and_two_beats_fire_each_tick_once(
                 beats.append(beat)
                 beat.wait_ready(marker="beat: Starting...")
             wait_for(lambda: len(runs_of(records, "reminder_listener")) >= len(kept), timeout=20, what="kept events")
-            time.sleep(1.5)  # both beats contend for a few more ticks; a cancelled event would show by now
+
+            def contended_ticks() -> bool:
+                # The kept events can run before the second beat is up: wait for ticks both beats tried.
+                fired = sum(len(_EMITTED.findall(beat.output())) for beat in beats)
+                lost = sum(beat.output().count("was already fired by another beat") for beat in beats)
+                return fired >= 3 and lost >= 1
+
+            wait_for(contended_ticks, timeout=20, what="three ticks, one of them tried by both beats")
+            time.sleep(1.0)  # a cancelled event would show by now
         finally:
             for beat in beats:
                 beat.stop()
