@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
@@ -17,7 +18,7 @@ from litestar.events import BaseEventEmitterBackend
 
 from litestar_celery_events.celery_app import build_celery_app
 from litestar_celery_events.config import CeleryEventsConfig
-from litestar_celery_events.contract.message import Emission
+from litestar_celery_events.contract.message import Emission, encode_body, new_emission_id
 from litestar_celery_events.errors import EmitterNotRunningError, ListenerSignatureError, PluginNotInstalledError
 from litestar_celery_events.listeners import ListenerRegistry
 from litestar_celery_events.publisher import Publisher
@@ -62,6 +63,11 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
         self.publish_from_loop = True
         """False in a worker: its listeners' emits keep going through the publisher thread."""
         self._task_names: dict[str, str] = {}  # an event's task name, built once (events come from the code)
+        self._check_signatures = self.config.check_signatures
+        self._max_payload_bytes = self.config.max_payload_bytes
+        self._plain_events: dict[str, str] = {}
+        """Events emitted once already whose emits need no more than the argument shape check: no
+        declaration, no typed payload, a route Celery resolved; their task names (``prepare``'s fast path)."""
         self._running = False
         self._trace: Callable[[Emission], None] | None = emission_tracer()  # None without opentelemetry
         # With an outbox, an emission made inside an open transaction waits for its commit.
@@ -124,6 +130,29 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
 
     def prepare(self, event_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Emission:
         """Validate and encode an emission; raises at the call site, enqueues nothing."""
+        task_name = self._plain_events.get(event_id)
+        if (
+            task_name is None
+            or not self._running
+            or (self._check_signatures and (event_id, len(args), *kwargs) not in self.registry.fitting_shapes)
+        ):
+            return self._prepare_checked(event_id, args, kwargs)
+        # The same checks as below, each already passed by this event (and this argument shape).
+        emission = Emission(
+            event_id,
+            new_emission_id(),
+            task_name,
+            encode_body(event_id, args, kwargs, self._max_payload_bytes),
+            args,
+            kwargs,
+            None,
+            time.time(),
+        )
+        if self._trace is not None:
+            self._trace(emission)
+        return emission
+
+    def _prepare_checked(self, event_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Emission:
         if not self._running:
             raise EmitterNotRunningError(
                 f"cannot emit event {event_id!r}: the event emitter is not running; emit inside the Litestar "
@@ -148,6 +177,8 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
             max_payload_bytes=self.config.max_payload_bytes,
         )
         self._check_route(emission)  # a route Celery cannot resolve raises here, not in the publisher
+        if not (payloads and event_id in payloads) and event_id not in self.registry.declared:
+            self._plain_events[event_id] = task_name
         if self._trace is not None:
             self._trace(emission)  # adds traceparent when a span is current
         return emission

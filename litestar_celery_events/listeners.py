@@ -199,7 +199,8 @@ class ListenerRegistry:
     """Only events with typed parameters (listeners' or declared): emit converts just those."""
     unresolved: dict[str, str] = field(default_factory=dict)
     """``event_id -> error``: a listener of the event asks for a dependency no layer provides."""
-    _fitting_shapes: set[tuple[Any, ...]] = field(default_factory=set, repr=False, compare=False)
+    fitting_shapes: set[tuple[Any, ...]] = field(default_factory=set, repr=False, compare=False)
+    """``(event_id, len(args), *kwargs)`` of emits every listener of the event accepted."""
 
     @classmethod
     def build(
@@ -291,15 +292,15 @@ class ListenerRegistry:
         # Only the number of positional arguments and the keyword names matter: remember the shapes
         # that fit, so a call site that emits the same shape again costs one set lookup.
         shape = (event_id, len(args), *kwargs)
-        if shape in self._fitting_shapes:
+        if shape in self.fitting_shapes:
             return
         for spec in specs:
             problem = spec.check.problem(args, kwargs)
             if problem is not None:
                 raise ListenerSignatureError(f"cannot emit event {event_id!r}: listener {spec.name} {problem}")
-        if len(self._fitting_shapes) >= MAX_REMEMBERED_SHAPES:
-            self._fitting_shapes.clear()
-        self._fitting_shapes.add(shape)
+        if len(self.fitting_shapes) >= MAX_REMEMBERED_SHAPES:
+            self.fitting_shapes.clear()
+        self.fitting_shapes.add(shape)
 
     def warn_incompatible(self) -> None:
         """Warn when one listener names an argument another listener of the same event cannot take."""

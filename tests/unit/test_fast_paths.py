@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
 import uuid
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import Celery
 from kombu.utils.json import loads
+from litestar import Litestar
 
-from litestar_celery_events import CeleryEventsConfig, ListenerSignatureError, listener
+from litestar_celery_events import (
+    CeleryEventEmitter,
+    CeleryEventsConfig,
+    CeleryEventsPlugin,
+    EmitterNotRunningError,
+    EventPayloadError,
+    ListenerSignatureError,
+    PayloadTooLargeError,
+    PayloadValidationError,
+    listener,
+)
 from litestar_celery_events.contract.message import _EMBED, Emission, _encoder, encode_body, new_emission_id
 from litestar_celery_events.listeners import ListenerRegistry
 from litestar_celery_events.transports.redis import (
@@ -209,3 +222,46 @@ def test_a_forked_child_gets_its_own_emission_ids() -> None:
     os.close(write)
     assert child[:24] != parent[:24]
     assert new_emission_id()[:24] == parent[:24]
+
+
+@dataclasses.dataclass
+class _Profile:
+    name: str
+
+
+def _typed(profile: _Profile) -> None: ...
+
+
+def test_emits_after_the_first_of_an_event_skip_only_the_checks_that_event_already_passed(tmp_path: Path) -> None:
+    app = Litestar(
+        listeners=[listener("e")(_fn), listener("typed")(_typed)],
+        plugins=[CeleryEventsPlugin(CeleryEventsConfig(data_dir=str(tmp_path), max_payload_bytes=1000))],
+    )
+    emitter = app.event_emitter
+    assert isinstance(emitter, CeleryEventEmitter)
+    emitter._running = True  # prepare only: nothing is published
+    first = emitter.prepare("e", (), {"email": "a", "n": 1})
+    second = emitter.prepare("e", (), {"email": "a", "n": 1})
+    assert "e" in emitter._plain_events
+    assert (second.event_id, second.task_name, second.body, second.queue, second.eta) == (
+        first.event_id,
+        first.task_name,
+        first.body,
+        first.queue,
+        first.eta,
+    )
+    assert second.emission_id != first.emission_id
+    with pytest.raises(ListenerSignatureError, match="missing required argument"):
+        emitter.prepare("e", (), {"n": 1})
+    with pytest.raises(EventPayloadError, match="not JSON-serialisable"):
+        emitter.prepare("e", (), {"email": object(), "n": 1})
+    with pytest.raises(PayloadTooLargeError):
+        emitter.prepare("e", (), {"email": "x" * 2000, "n": 1})
+    # A typed payload is checked on every emit, never remembered.
+    emitter.prepare("typed", (_Profile("a"),), {})
+    assert "typed" not in emitter._plain_events
+    with pytest.raises(PayloadValidationError):
+        emitter.prepare("typed", ({"name": 1},), {})
+    emitter._running = False
+    with pytest.raises(EmitterNotRunningError):
+        emitter.prepare("e", (), {"email": "a", "n": 1})
