@@ -7,7 +7,9 @@ A real uvicorn runs the docs' handler (advanced-alchemy, autocommit, PostgreSQL 
 - missing rows: N sequential requests; listener runs that did not find their user;
 - rolled back: requests whose handler raises after ``emit``; events delivered for them anyway;
 - latency: listener start minus the commit's time (the app logs each commit), p50/p99;
-- throughput: requests/s of the docs' handler under 8 concurrent keep-alive clients.
+- throughput: requests/s of the docs' handler under 8 concurrent keep-alive clients, both web
+  processes up at once and no worker (the listeners' CPU would land in whichever run follows),
+  ``PAIRS`` interleaved pairs of 3 s runs (which mode goes first alternates); the median pair ratio.
 
 Then the relay alone: rows/s one process claims, publishes (private Redis) and deletes on PostgreSQL.
 ``python -m bench.outbox [--n 2000]`` prints JSON; ``make bench`` runs it as the ``outbox`` step.
@@ -16,8 +18,10 @@ Then the relay alone: rows/s one process claims, publishes (private Redis) and d
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -108,23 +112,7 @@ def _mode(outbox: bool, redis: RedisServer, url: str, n: int, rolled_back: int, 
         env,
         folder / "worker.log",
     )
-    port = free_port()
-    web = LoggedProcess(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            APP,
-            "--factory",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ],
-        env,
-        folder / "web.log",
-    )
+    web, port = _start_web(env, folder / "web.log")
     try:
         worker.wait_output("ready", 90)
         wait_for(lambda: port_open(port), timeout=60, what="uvicorn")
@@ -150,9 +138,6 @@ def _mode(outbox: bool, redis: RedisServer, url: str, n: int, rolled_back: int, 
         committed = {c["email"]: c["at"] for c in _records(commits)}
         latency_ms = [(r["started"] - committed[r["email"]]) * 1000 for r in runs if r["email"] in committed]
         ghosts = [r for r in _records(records) if r["email"].startswith("raise-")]
-        cpu = _cpu_s(server)
-        throughput, served = _throughput(base, seconds=5.0, clients=8)
-        concurrent_cpu_us = (_cpu_s(server) - cpu) / served * 1e6
     finally:
         web.stop()
         worker.stop()
@@ -164,9 +149,58 @@ def _mode(outbox: bool, redis: RedisServer, url: str, n: int, rolled_back: int, 
         "rolled_back_requests": rolled_back,
         "events_delivered_for_rolled_back": len(ghosts),
         "commit_to_listener_ms": {"p50": percentile(latency_ms, 50), "p99": percentile(latency_ms, 99)},
-        "requests_per_s": throughput,
-        "server_cpu_us_per_request": {"sequential": sequential_cpu_us, "concurrent": concurrent_cpu_us},
+        "server_cpu_us_per_request": {"sequential": sequential_cpu_us},
     }
+
+
+PAIRS = 3
+PAIR_RUN_S = 3.0
+
+
+def _start_web(env: dict[str, str], log: Path) -> tuple[LoggedProcess, int]:
+    """A uvicorn serving the docs' handler; returns it and its port."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", APP, "--factory", "--port", str(port)]
+    return LoggedProcess([*cmd, "--log-level", "warning", "--no-access-log"], env, log), port
+
+
+def _load_web(outbox: bool, redis: RedisServer, url: str, folder: Path) -> tuple[LoggedProcess, int]:
+    env = {
+        "CELERY_BROKER_URL": redis.url,
+        "LITESTAR_APP": APP,
+        "OUTBOX_DB_URL": url,
+        "OUTBOX": "1" if outbox else "0",
+        "RECORD_FILE": str(folder / "records.jsonl"),
+        "TEST_QUEUE": f"bench-outbox-load-{int(outbox)}-{uuid.uuid4().hex[:6]}",
+        "CELERY_EVENTS_DATA_DIR": str(folder / f"data-{int(outbox)}"),
+    }
+    return _start_web(env, folder / f"web-{int(outbox)}.log")
+
+
+def _throughput_pairs(redis: RedisServer, url: str, folder: Path) -> dict[str, Any]:
+    """Both web processes up, no worker; ``PAIRS`` interleaved pairs of ``PAIR_RUN_S`` runs."""
+    _fresh_tables(url)
+    webs = {"outbox": _load_web(True, redis, url, folder), "plain_emit": _load_web(False, redis, url, folder)}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in webs}
+    try:
+        for _, port in webs.values():
+            wait_for(functools.partial(port_open, port), timeout=60, what="uvicorn")
+        for pair in range(PAIRS):
+            for name in ("outbox", "plain_emit") if pair % 2 == 0 else ("plain_emit", "outbox"):
+                web, port = webs[name]
+                server = psutil.Process(web.proc.pid)
+                cpu = _cpu_s(server)
+                rps, served = _throughput(f"http://127.0.0.1:{port}/users", PAIR_RUN_S, clients=8)
+                runs[name].append({"rps": rps, "cpu_us_per_request": (_cpu_s(server) - cpu) / served * 1e6})
+    finally:
+        for web, _ in webs.values():
+            web.stop()
+    ratios = [o["rps"] / p["rps"] for o, p in zip(runs["outbox"], runs["plain_emit"], strict=True)]
+    cpu_ratios = [
+        p["cpu_us_per_request"] / o["cpu_us_per_request"]
+        for o, p in zip(runs["outbox"], runs["plain_emit"], strict=True)
+    ]
+    return {"pairs": PAIRS, "run_s": PAIR_RUN_S, "runs": runs, "ratios": ratios, "cpu_ratios": cpu_ratios}
 
 
 def _cpu_s(process: psutil.Process) -> float:
@@ -317,9 +351,16 @@ def run_outbox(n: int = 2_000, rolled_back: int = 200, relay_rows: int = 20_000)
                 name: _publish_after_commit(redis, url, outbox, 500, Path(folder))
                 for name, outbox in (("plain_emit", False), ("outbox", True))
             }
+        with tempfile.TemporaryDirectory(prefix="bench-outbox-load-") as folder:
+            load = results["throughput"] = _throughput_pairs(redis, url, Path(folder))
         results["relay"] = _relay_throughput(redis, url.replace("+asyncpg", "+psycopg"), relay_rows)
     plain, with_outbox = results["plain_emit"], results["outbox"]
-    results["throughput_ratio"] = with_outbox["requests_per_s"] / plain["requests_per_s"]
+    for name in ("plain_emit", "outbox"):
+        results[name]["requests_per_s"] = statistics.median(r["rps"] for r in load["runs"][name])
+        results[name]["server_cpu_us_per_request"]["concurrent"] = statistics.median(
+            r["cpu_us_per_request"] for r in load["runs"][name]
+        )
+    results["throughput_ratio"] = statistics.median(load["ratios"])
     # The same by the web process's CPU per request (robust to other work on the machine): plain ÷ outbox.
     results["cpu_throughput_ratio"] = {
         phase: plain["server_cpu_us_per_request"][phase] / with_outbox["server_cpu_us_per_request"][phase]

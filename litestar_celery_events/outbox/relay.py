@@ -34,7 +34,10 @@ __all__ = ("OutboxRelay",)
 logger = logging.getLogger("litestar_celery_events.outbox")
 
 MAX_TICK_S = 0.5
-"""Longest wait between two rounds (deletes of published rows, lease renewals, a look for orphans)."""
+"""Longest wait between two rounds (deletes of published rows, lease renewals)."""
+MAX_ORPHAN_LOOK_S = 3.0
+"""Longest wait between two looks for orphaned rows: a tenth of the lease, at most this (each look is a
+claim query; rows are orphaned for a whole lease before any look can take them)."""
 MAX_BACKOFF_S = 5.0
 
 
@@ -56,6 +59,7 @@ class OutboxRelay:
         self._on_refused = on_refused
         self.lease_s = config.outbox_relay_after_s
         self._tick_s = min(MAX_TICK_S, self.lease_s / 4)
+        self._orphan_look_s = max(self._tick_s, min(MAX_ORPHAN_LOOK_S, self.lease_s / 10))
         self._pid = 0
         self._lock = threading.Lock()
         self._store: OutboxStore | None = None
@@ -157,6 +161,7 @@ class OutboxRelay:
     def _run(self) -> None:
         failures = 0
         next_renewal = time.monotonic() + self.lease_s / 3
+        next_look = 0.0
         while True:
             stopping = self._stopping
             try:
@@ -164,9 +169,10 @@ class OutboxRelay:
                 if time.monotonic() >= next_renewal and self._unpublished:
                     self.store.renew(list(self._unpublished), time.time() + self.lease_s)
                     next_renewal = time.monotonic() + self.lease_s / 3
-                if self._relaying and not stopping:
+                if self._relaying and not stopping and time.monotonic() >= next_look:
                     while self.relay_once() and not self._stopping:
                         pass
+                    next_look = time.monotonic() + self._orphan_look_s
                 failures = 0
             except Exception as exc:  # noqa: BLE001 - database or broker away: rows wait, retry later
                 failures += 1
