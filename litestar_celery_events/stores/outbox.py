@@ -14,9 +14,26 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Column, Float, Index, MetaData, String, Table, Text, create_engine, func, insert, select
+import msgspec
+from sqlalchemy import (
+    ARRAY,
+    Column,
+    Float,
+    Index,
+    MetaData,
+    String,
+    Table,
+    Text,
+    any_,
+    bindparam,
+    create_engine,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from litestar_celery_events.contract.message import Emission
 from litestar_celery_events.errors import OutboxConfigError
@@ -24,8 +41,7 @@ from litestar_celery_events.errors import OutboxConfigError
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterable, Sequence
 
-    from sqlalchemy.engine import URL, Connection, Engine
-    from sqlalchemy.orm import Session
+    from sqlalchemy.engine import URL, Connection, Dialect, Engine
 
 __all__ = (
     "DEFAULT_OUTBOX_TABLE",
@@ -89,7 +105,10 @@ def _message(emission: Emission) -> str:
     ):
         if value is not None:
             fields[key] = value
-    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
+    return _encode_message(fields).decode()  # msgspec: json.dumps with these options costs ~10x more
+
+
+_encode_message = msgspec.json.Encoder().encode
 
 
 def emission_of(event_id: str, emission_id: str, message: str) -> Emission:
@@ -136,13 +155,33 @@ def outbox_rows(emissions: Sequence[Emission], owner: str, lease_s: float) -> li
 def write_rows(
     conn: Connection | Session, table: Table, emissions: Sequence[Emission], owner: str, lease_s: float
 ) -> None:
-    """One INSERT of ``emissions`` (inside the committing transaction): a single row through SQLAlchemy's
-    compiled-statement cache (about 4x cheaper than compiling a VALUES list), several as one multi-row INSERT."""
+    """One INSERT of ``emissions`` (inside the committing transaction): several as one multi-row INSERT,
+    a single row (the common case) as the driver's own SQL, compiled once per table and dialect."""
     rows = outbox_rows(emissions, owner, lease_s)
-    if len(rows) == 1:
-        conn.execute(insert(table), rows[0])
-    else:
+    if len(rows) > 1:
         conn.execute(insert(table).values(rows))
+        return
+    connection = conn.connection() if isinstance(conn, Session) else conn
+    sql, order = _one_row_insert(table, connection.dialect)
+    row = rows[0]
+    # exec_driver_sql skips building the statement's cache key and compiled-cache lookup: ~50 us less
+    # CPU per commit on asyncpg (bench.outbox), the same statement on the wire.
+    connection.exec_driver_sql(sql, row if order is None else tuple(row[name] for name in order))
+
+
+_one_row_inserts: dict[tuple[int, str, str, str], tuple[Table, str, tuple[str, ...] | None]] = {}
+
+
+def _one_row_insert(table: Table, dialect: Dialect) -> tuple[str, tuple[str, ...] | None]:
+    """``INSERT INTO <table> (...) VALUES (...)`` in ``dialect``'s SQL and parameter style, and the
+    order of its parameters when they are positional (``None``: named, a dict is passed)."""
+    key = (id(table), dialect.name, dialect.driver, str(dialect.paramstyle))
+    cached = _one_row_inserts.get(key)
+    if cached is None or cached[0] is not table:  # the table object is kept: its id is not reused
+        compiled = insert(table).compile(dialect=dialect)
+        order = tuple(compiled.positiontup or ()) if compiled.positional else None
+        cached = _one_row_inserts[key] = (table, str(compiled), order)
+    return cached[1], cached[2]
 
 
 def _chunks(ids: Iterable[str]) -> Iterable[list[str]]:
@@ -179,6 +218,7 @@ class OutboxStore:
         self.engine = engine
         self.table = table
         self._skip_locked = engine.dialect.name == "postgresql"
+        self._delete_any = table.delete().where(table.c.id == any_(bindparam("ids", type_=ARRAY(String()))))
 
     @classmethod
     def from_url(cls, url: URL | str, table: Table, timeout_s: float | None = None) -> OutboxStore:
@@ -205,6 +245,8 @@ class OutboxStore:
         deleted = 0
         table = self.table
         with self.engine.begin() as conn:
+            if self._skip_locked:  # PostgreSQL: one array parameter, a statement compiled once
+                return int(conn.execute(self._delete_any, {"ids": list(ids)}).rowcount)
             for chunk in _chunks(ids):
                 deleted += conn.execute(table.delete().where(table.c.id.in_(chunk))).rowcount
         return deleted
