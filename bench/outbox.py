@@ -7,7 +7,8 @@ A real uvicorn runs the docs' handler (advanced-alchemy, autocommit, PostgreSQL 
 - missing rows: N sequential requests; listener runs that did not find their user;
 - rolled back: requests whose handler raises after ``emit``; events delivered for them anyway;
 - latency: listener start minus the commit's time (the app logs each commit), p50/p99;
-- throughput: requests/s of the docs' handler under 8 concurrent keep-alive clients, both web
+- throughput: requests/s of the docs' handler under 8 keep-alive connections (``bench.loadgen``,
+  raw sockets, so the load generator takes little of the machine's CPU), both web
   processes up at once and no worker (the listeners' CPU would land in whichever run follows),
   ``PAIRS`` interleaved pairs of 3 s runs (which mode goes first alternates); the median pair ratio.
 
@@ -24,7 +25,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,6 +35,7 @@ from typing import Any
 import psutil
 
 from bench.common import CeleryWorker, RedisServer, percentile, wait_for
+from bench.request_path import load
 from harness import LoggedProcess, free_port, port_open
 
 __all__ = ("run_outbox",)
@@ -155,6 +156,8 @@ def _mode(outbox: bool, redis: RedisServer, url: str, n: int, rolled_back: int, 
 
 PAIRS = 3
 PAIR_RUN_S = 3.0
+CLIENTS = 8
+USER_JSON = '{"email": "load-{n}@example.com"}'
 
 
 def _start_web(env: dict[str, str], log: Path) -> tuple[LoggedProcess, int]:
@@ -188,10 +191,11 @@ def _throughput_pairs(redis: RedisServer, url: str, folder: Path) -> dict[str, A
         for pair in range(PAIRS):
             for name in ("outbox", "plain_emit") if pair % 2 == 0 else ("plain_emit", "outbox"):
                 web, port = webs[name]
-                server = psutil.Process(web.proc.pid)
-                cpu = _cpu_s(server)
-                rps, served = _throughput(f"http://127.0.0.1:{port}/users", PAIR_RUN_S, clients=8)
-                runs[name].append({"rps": rps, "cpu_us_per_request": (_cpu_s(server) - cpu) / served * 1e6})
+                loaded = load((port, web.proc.pid), ["/users"], PAIR_RUN_S, connections=CLIENTS, post_json=USER_JSON)
+                result = loaded["paths"]["/users"]
+                if result["errors"]:
+                    raise RuntimeError(f"{name}: {result['errors']} failed requests (see {folder})")
+                runs[name].append({"rps": result["rps"], "cpu_us_per_request": loaded["server_cpu_us_per_request"]})
     finally:
         for web, _ in webs.values():
             web.stop()
@@ -206,29 +210,6 @@ def _throughput_pairs(redis: RedisServer, url: str, folder: Path) -> dict[str, A
 def _cpu_s(process: psutil.Process) -> float:
     times = process.cpu_times()
     return float(times.user + times.system)
-
-
-def _throughput(url: str, seconds: float, clients: int) -> tuple[float, int]:
-    import httpx
-
-    done = [0] * clients
-    stop_at = time.monotonic() + seconds
-
-    def client(index: int) -> None:
-        with httpx.Client(timeout=30) as http:
-            k = 0
-            while time.monotonic() < stop_at:
-                http.post(url, json={"email": f"load-{index}-{k}-{uuid.uuid4().hex[:6]}@example.com"})
-                k += 1
-            done[index] = k
-
-    started = time.monotonic()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sum(done) / (time.monotonic() - started), sum(done)
 
 
 def _relay_throughput(redis: RedisServer, url: str, rows: int) -> dict[str, Any]:

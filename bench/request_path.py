@@ -82,16 +82,22 @@ def _cpu_s(pid: int) -> float:
 
 
 def load(
-    server: tuple[int, int], paths: list[str], duration: float, warmup: float = 0.5, **pause: Any
+    server: tuple[int, int],
+    paths: list[str],
+    duration: float,
+    warmup: float = 0.5,
+    connections: int = CONNECTIONS,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Run the load generator against ``server`` (port, pid); add the server's CPU time per request."""
+    """Run the load generator against ``server`` (port, pid); add the server's CPU time per request.
+    ``options``: more of ``bench.loadgen``'s flags (``pause_url=...`` is ``--pause-url ...``)."""
     port, pid = server
     cpu = _cpu_s(pid)
     cmd = [sys.executable, "-m", "bench.loadgen", "--port", str(port), "--duration", str(duration)]
-    cmd += ["--warmup", str(warmup), "--connections", str(CONNECTIONS)]
+    cmd += ["--warmup", str(warmup), "--connections", str(connections)]
     for path in paths:
         cmd += ["--path", path]
-    for key, value in pause.items():
+    for key, value in options.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=duration + warmup + 60, check=True)
     result: dict[str, Any] = json.loads(out.stdout)
