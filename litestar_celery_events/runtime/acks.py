@@ -29,6 +29,8 @@ from celery import bootsteps
 from kombu.transport.virtual import QoS as VirtualQoS
 from kombu.utils.json import dumps
 
+from litestar_celery_events.runtime.redis_fetch import owed_acks
+
 __all__ = ("BatchRedisAcks",)
 
 logger = logging.getLogger("litestar_celery_events.worker")
@@ -116,9 +118,14 @@ class _BatchingAck:
         if self.reserve is not None:
             self.reserve.drain()  # every reservation is in Redis before any ack of it
         qos = self.qos
-        with qos.channel.conn_or_acquire() as client:
-            pipe = client.pipeline()
-            pipe.zrem(qos.unacked_index_key, *tags).hdel(qos.unacked_key, *tags).execute()
+        try:
+            owed_acks.pay(qos)
+            with qos.channel.conn_or_acquire() as client:
+                pipe = client.pipeline()
+                pipe.zrem(qos.unacked_index_key, *tags).hdel(qos.unacked_key, *tags).execute()
+        except qos.channel.connection_errors as exc:
+            owed_acks.owe(qos, tags, exc)
+            return
         for tag in tags:
             VirtualQoS.ack(qos, tag)  # what kombu's Redis QoS.ack does after its round trip: free the prefetch slot
 

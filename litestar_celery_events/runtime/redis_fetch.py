@@ -33,10 +33,12 @@ if TYPE_CHECKING:
 
 __all__ = (
     "IDLE_WAIT_S",
+    "OwedAcks",
     "RELIABLE_REDIS_TRANSPORT",
     "RELIABLE_SENTINEL_TRANSPORT",
     "SentinelTransport",
     "Transport",
+    "owed_acks",
     "use_reliable_fetch",
 )
 
@@ -93,6 +95,43 @@ def use_reliable_fetch(celery_app: Celery) -> None:
         celery_app.conf.broker_transport = RELIABLE_SENTINEL_TRANSPORT
 
 
+class OwedAcks:
+    """Acknowledgements the broker refused after the listener finished: no writes while a Sentinel
+    failover is under way (``NOREPLICAS``), or the connection lost. kombu keeps such a message among
+    the channel's delivered ones and puts it back in its queue when the channel closes, so it ran
+    again after the failover. An owed message is no longer the channel's to give back: its record
+    in ``unacked`` is removed on the next connection that takes writes (before the next ack, or
+    before ``restore_visible`` could bring it back)."""
+
+    def __init__(self) -> None:
+        self.tags: set[str] = set()
+
+    def owe(self, qos: Any, tags: list[str], exc: BaseException) -> None:
+        for tag in tags:
+            qos._delivered.pop(tag, None)  # not restored when the channel closes: it ran
+        self.tags.update(tags)
+        logger.warning(
+            "the broker refused to acknowledge %d message(s) whose listeners finished (%s); they are "
+            "acknowledged once it takes writes again, not run again",
+            len(tags),
+            type(exc).__name__,
+        )
+
+    def pay(self, qos: Any) -> None:
+        """Remove the owed records from ``unacked``; raises (and owes on) while the broker takes no writes."""
+        if not self.tags:
+            return
+        tags = list(self.tags)
+        with qos.channel.conn_or_acquire() as client:
+            client.pipeline().zrem(qos.unacked_index_key, *tags).hdel(qos.unacked_key, *tags).execute()
+        self.tags.difference_update(tags)
+        logger.info("acknowledged %d message(s) the broker had refused to acknowledge", len(tags))
+
+
+owed_acks = OwedAcks()
+"""One per worker process (its consumer acknowledges; a new channel after a reconnect pays)."""
+
+
 class QoS(kombu_redis.QoS):  # type: ignore[misc]  # kombu is untyped
     def restore_unacked(self, client: Any = None) -> None:
         """Give the delivered, unacknowledged messages back when the channel closes, if the broker is there.
@@ -123,12 +162,30 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]  # kombu is untyped
     def ack(self, delivery_tag: Any) -> None:
         if self._torn_down("acknowledged", delivery_tag):
             return
-        super().ack(delivery_tag)
+        try:
+            owed_acks.pay(self)
+            super().ack(delivery_tag)
+        except self.channel.connection_errors as exc:
+            owed_acks.owe(self, [delivery_tag], exc)
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
         if self._torn_down("rejected", delivery_tag):
             return
-        super().reject(delivery_tag, requeue=requeue)
+        if requeue:
+            super().reject(delivery_tag, requeue=True)
+            return
+        try:  # a rejection removes the record as an ack does (the listener failed for good)
+            owed_acks.pay(self)
+            super().reject(delivery_tag)
+        except self.channel.connection_errors as exc:
+            owed_acks.owe(self, [delivery_tag], exc)
+
+    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            owed_acks.pay(self)  # an owed message is never restored here
+        except self.channel.connection_errors:
+            return  # no writes now: nothing can be restored either
+        super().restore_visible(*args, **kwargs)
 
     def _torn_down(self, what: str, delivery_tag: Any) -> bool:
         """A message delivered on a channel whose connection is gone since (the master killed): kombu's

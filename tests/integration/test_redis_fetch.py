@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -75,6 +76,38 @@ def test_a_message_taken_by_a_consumer_that_dies_at_once_is_kept_as_unacknowledg
             connection.drain_events(timeout=5)
     assert got == [{"n": 1}]
     assert client.hlen("unacked") == 0
+
+
+def test_an_ack_refused_while_the_broker_takes_no_writes_is_paid_later_and_the_message_does_not_run_again(
+    redis_url: str,
+) -> None:
+    """As in a Sentinel failover (``NOREPLICAS`` until the new master takes writes): the listener
+    finished, its ack is refused; the message must not go back to its queue when the channel closes
+    (kombu's channel did that, and it ran twice), and its ``unacked`` record goes once writes are back."""
+    queue = f"fetch-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(redis_url)
+    client.delete("unacked", "unacked_index")
+    _publish_one(redis_url, queue)
+    got: list[object] = []
+
+    def refuse_writes_then_ack(body: object, message: Any) -> None:
+        got.append(body)
+        client.config_set("min-replicas-to-write", 1)  # no replica: every write is refused (NOREPLICAS)
+        message.ack()
+
+    try:
+        with Connection(redis_url, transport=RELIABLE_REDIS_TRANSPORT) as connection:
+            with connection.Consumer(Queue(queue), callbacks=[refuse_writes_then_ack], accept=["json"]):
+                connection.drain_events(timeout=5)
+            assert got == [{"n": 1}]
+            assert client.hlen("unacked") == 1, "the ack was refused"
+        assert client.llen(queue) == 0, "not put back in its queue when the channel closed"
+    finally:
+        client.config_set("min-replicas-to-write", 0)
+    with Connection(redis_url, transport=RELIABLE_REDIS_TRANSPORT, transport_options={"visibility_timeout": 0}) as c:
+        c.default_channel.qos.restore_visible(num=10)  # pays the owed ack first: nothing is left to restore
+    assert client.hlen("unacked") == 0
+    assert client.llen(queue) == 0
 
 
 @pytest.mark.parametrize("flavour", ["redis", "sentinel"])
