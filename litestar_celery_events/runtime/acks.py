@@ -124,7 +124,7 @@ class _BatchingAck:
                 pipe = client.pipeline()
                 pipe.zrem(qos.unacked_index_key, *tags).hdel(qos.unacked_key, *tags).execute()
         except qos.channel.connection_errors as exc:
-            owed_acks.owe(qos, tags, exc)
+            owed_acks.owe(qos, tags, type(exc).__name__)
             return
         for tag in tags:
             VirtualQoS.ack(qos, tag)  # what kombu's Redis QoS.ack does after its round trip: free the prefetch slot

@@ -106,15 +106,15 @@ class OwedAcks:
     def __init__(self) -> None:
         self.tags: set[str] = set()
 
-    def owe(self, qos: Any, tags: list[str], exc: BaseException) -> None:
+    def owe(self, qos: Any, tags: list[str], why: str) -> None:
         for tag in tags:
             qos._delivered.pop(tag, None)  # not restored when the channel closes: it ran
         self.tags.update(tags)
         logger.warning(
-            "the broker refused to acknowledge %d message(s) whose listeners finished (%s); they are "
-            "acknowledged once it takes writes again, not run again",
+            "%d message(s) whose listeners finished could not be acknowledged (%s); they are acknowledged "
+            "on the next connection that takes writes, not run again",
             len(tags),
-            type(exc).__name__,
+            why,
         )
 
     def pay(self, qos: Any) -> None:
@@ -132,15 +132,36 @@ owed_acks = OwedAcks()
 """One per worker process (its consumer acknowledges; a new channel after a reconnect pays)."""
 
 
+def _running_delivery_tags() -> set[str]:
+    """Delivery tags of the messages whose tasks this worker runs now (or just ran, ack pending); none
+    in a cold shutdown, which kills them (kombu gives them back at once, as it should)."""
+    from celery.worker import state
+
+    if state.should_terminate:
+        return set()
+    tags = set()
+    for request in list(state.active_requests):
+        tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+        if tag is not None:
+            tags.add(tag)
+    return tags
+
+
 class QoS(kombu_redis.QoS):  # type: ignore[misc]  # kombu is untyped
     def restore_unacked(self, client: Any = None) -> None:
         """Give the delivered, unacknowledged messages back when the channel closes, if the broker is there.
+
+        Not those whose listener runs or has just finished (Celery's active requests): their acks come
+        after the channel closed and are owed (``OwedAcks``); given back, they ran twice (seen when a
+        Sentinel failover cut the connection between a listener's end and its ack).
 
         kombu's tries even after the connection was torn down (its pool is gone; a new one needs the
         connection's settings, already dropped: ``AttributeError: 'NoneType' object has no attribute
         'hostname'``), and that error stops the worker: seen when the master is killed mid-stream.
         The messages stay recorded in ``unacked``, from where ``restore_visible`` brings them back.
         """
+        for tag in _running_delivery_tags().intersection(self._delivered):
+            del self._delivered[tag]  # stays in unacked until its ack (or visibility_timeout)
         transport = getattr(self.channel, "connection", None)
         if transport is None or getattr(transport, "client", None) is None:
             logger.warning(
@@ -166,7 +187,7 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]  # kombu is untyped
             owed_acks.pay(self)
             super().ack(delivery_tag)
         except self.channel.connection_errors as exc:
-            owed_acks.owe(self, [delivery_tag], exc)
+            owed_acks.owe(self, [delivery_tag], type(exc).__name__)
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
         if self._torn_down("rejected", delivery_tag):
@@ -178,7 +199,7 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]  # kombu is untyped
             owed_acks.pay(self)
             super().reject(delivery_tag)
         except self.channel.connection_errors as exc:
-            owed_acks.owe(self, [delivery_tag], exc)
+            owed_acks.owe(self, [delivery_tag], type(exc).__name__)
 
     def restore_visible(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -195,11 +216,7 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]  # kombu is untyped
         transport = getattr(self.channel, "connection", None)
         if transport is not None and getattr(transport, "client", None) is not None:
             return False
-        self._delivered.pop(delivery_tag, None)
-        logger.warning(
-            "a message could not be %s: its broker connection is gone; it comes back after visibility_timeout",
-            what,
-        )
+        owed_acks.owe(self, [delivery_tag], f"{what} after its broker connection was gone")
         return True
 
     def append(self, message: Any, delivery_tag: Any) -> None:

@@ -133,7 +133,7 @@ def test_delivered_messages_are_left_in_unacked_when_the_connection_is_already_g
 def test_settling_a_message_after_its_connection_went_away_does_not_stop_the_worker(
     settle: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from litestar_celery_events.runtime.redis_fetch import QoS
+    from litestar_celery_events.runtime.redis_fetch import QoS, owed_acks
 
     channel = mock.Mock()
     channel.connection.client = None  # the master was killed after the message was delivered
@@ -142,5 +142,33 @@ def test_settling_a_message_after_its_connection_went_away_does_not_stop_the_wor
     with caplog.at_level("WARNING", logger="litestar_celery_events.worker"):
         getattr(qos, settle)("tag-1")  # kombu's own raises AttributeError here and the worker stops
     assert "tag-1" not in qos._delivered
-    assert "comes back after visibility_timeout" in caplog.text
+    assert "acknowledged on the next connection" in caplog.text
     channel.conn_or_acquire.assert_not_called()
+    assert owed_acks.tags == {"tag-1"}, "its unacked record goes on the next connection"
+    owed_acks.tags.clear()
+
+
+class _Request:
+    def __init__(self, tag: str) -> None:
+        self.message = mock.Mock(delivery_tag=tag)
+
+
+def test_at_channel_close_messages_whose_listeners_run_are_not_given_back(caplog: pytest.LogCaptureFixture) -> None:
+    """Their acks come after the close (owed): given back to the queue, they ran twice after a failover."""
+    from celery.worker.state import active_requests
+
+    from litestar_celery_events.runtime.redis_fetch import QoS
+
+    channel = mock.MagicMock(connection_errors=(ConnectionError,))
+    qos = QoS(channel)
+    qos._delivered.update({"running": mock.Mock(), "waiting": mock.Mock()})
+    running = _Request("running")
+    active_requests.add(running)
+    restored: list[str] = []
+    try:
+        with mock.patch.object(QoS, "restore_by_tag", lambda self, tag, client=None: restored.append(tag)):
+            qos.restore_unacked()
+    finally:
+        active_requests.discard(running)
+    assert restored == ["waiting"], "only the message no listener took yet goes back to its queue"
+    assert not qos._delivered
