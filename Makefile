@@ -42,13 +42,12 @@ $(LOWEST_VENV)/.installed: pyproject.toml ci/lowest-versions.txt
 	$(LOWEST_PY) -m pip install -q -e '.[test]' -r ci/lowest-versions.txt
 	touch $@
 
-# The unit tests and every integration test on Redis alone (marked in tests/conftest.py), on the floors,
-# but the Sentinel failover test: on Celery/kombu 5.4 it showed a duplicate run and a stall (open).
+# The unit tests and every integration test on Redis alone (marked in tests/conftest.py), on the floors.
 test-lowest: $(LOWEST_VENV)/.installed
 	@$(LOWEST_PY) -c 'import sys; from importlib.metadata import version; \
 		print("lowest versions: Python", sys.version.split()[0], *(f"{p}=={version(p)}" for p in sys.argv[1:]))' \
 		$(LOWEST_PACKAGES)
-	$(LOWEST_PY) -m pytest -m 'not integration or redis' --ignore=tests/integration/test_redis_failover.py
+	$(LOWEST_PY) -m pytest -m 'not integration or redis'
 
 $(VENV)/.bench-installed: $(VENV)/.installed bench/anchors-requirements.txt
 	$(PY) -m pip install -q -e '.[test,bench]'
