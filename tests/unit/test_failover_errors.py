@@ -172,3 +172,30 @@ def test_at_channel_close_messages_whose_listeners_run_are_not_given_back(caplog
         active_requests.discard(running)
     assert restored == ["waiting"], "only the message no listener took yet goes back to its queue"
     assert not qos._delivered
+
+
+def test_a_batch_of_acks_the_broker_refuses_is_owed_and_paid_with_the_next_batch() -> None:
+    """Async mode acknowledges in batches: refused ones (NOREPLICAS) are not given back at channel close."""
+    from litestar_celery_events.runtime.acks import _BatchingAck
+    from litestar_celery_events.runtime.redis_fetch import owed_acks
+
+    qos = mock.MagicMock(unacked_key="unacked", unacked_index_key="unacked_index")
+    qos.channel.connection_errors = (ConnectionError,)
+    qos._delivered = {"a": object(), "b": object()}
+    pipe = qos.channel.conn_or_acquire.return_value.__enter__.return_value.pipeline.return_value
+    pipe.zrem.return_value.hdel.return_value.execute.side_effect = ConnectionError("NOREPLICAS")
+    batcher = _BatchingAck(qos, hub=mock.Mock(), reserve=None)
+    batcher.pending = ["a", "b"]
+    batcher.flush()
+    assert owed_acks.tags == {"a", "b"}
+    assert qos._delivered == {}, "not given back to the queue when the channel closes"
+    pipe.zrem.return_value.hdel.return_value.execute.side_effect = None
+    batcher.pending = ["c"]
+    try:
+        batcher.flush()
+        assert owed_acks.tags == set(), "paid before the next batch"
+        paid = [c.args for c in pipe.zrem.call_args_list]
+        assert ("unacked_index", "a", "b") in paid or ("unacked_index", "b", "a") in paid
+        assert ("unacked_index", "c") in paid
+    finally:
+        owed_acks.tags.clear()
