@@ -10,6 +10,8 @@ A real uvicorn runs the docs' handler (advanced-alchemy, autocommit, PostgreSQL 
 - throughput: requests/s of the docs' handler under 8 keep-alive connections (``bench.loadgen``,
   raw sockets, so the load generator takes little of the machine's CPU), both web
   processes up at once and no worker (the listeners' CPU would land in whichever run follows),
+  each with a pool of 8 connections (SQLAlchemy's default of 5 opened and closed a connection
+  every ~100 requests in both modes),
   ``PAIRS`` interleaved pairs of 3 s runs (which mode goes first alternates); the median pair ratio.
 
 Then the relay alone: rows/s one process claims, publishes (private Redis) and deletes on PostgreSQL.
@@ -154,7 +156,7 @@ def _mode(outbox: bool, redis: RedisServer, url: str, n: int, rolled_back: int, 
     }
 
 
-PAIRS = 3
+PAIRS = 5
 PAIR_RUN_S = 3.0
 CLIENTS = 8
 USER_JSON = '{"email": "load-{n}@example.com"}'
@@ -173,6 +175,7 @@ def _load_web(outbox: bool, redis: RedisServer, url: str, folder: Path) -> tuple
         "LITESTAR_APP": APP,
         "OUTBOX_DB_URL": url,
         "OUTBOX": "1" if outbox else "0",
+        "OUTBOX_POOL_SIZE": str(CLIENTS),  # a connection per client: none opened and closed per burst
         "RECORD_FILE": str(folder / "records.jsonl"),
         "TEST_QUEUE": f"bench-outbox-load-{int(outbox)}-{uuid.uuid4().hex[:6]}",
         "CELERY_EVENTS_DATA_DIR": str(folder / f"data-{int(outbox)}"),

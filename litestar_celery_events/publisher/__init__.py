@@ -89,6 +89,7 @@ class Publisher(SpoolFallback, LoopPublishing):
 
             self.spool = Spool(config)
         self._spool_after = config.spool_after_events
+        self._max_buffered = config.max_buffered_events
         self._watched: list[Emission] | None = None
         self._watched_since = 0.0
         self._spooled_in_flight: set[str] = set()
@@ -158,7 +159,11 @@ class Publisher(SpoolFallback, LoopPublishing):
 
     def submit(self, emission: Emission) -> None:
         """Hand ``emission`` to the publisher thread (no network I/O on the caller's thread)."""
-        self._accept(emission)
+        if self.spool is None and len(self._buffer) < self._max_buffered:
+            self._buffer.append(emission)  # ``_accept``'s common case, one frame fewer
+            self._wake_drainer()
+        else:
+            self._accept(emission)
         # Per thread (emit may run on several: sync handlers), so no lock and no lost count.
         counts = self._emitted_by_thread
         thread = threading.get_ident()
@@ -176,7 +181,7 @@ class Publisher(SpoolFallback, LoopPublishing):
             self._spill_stalled(spool)
             spool.put_or_raise(emission)
             return
-        if len(buffer) >= self._config.max_buffered_events:
+        if len(buffer) >= self._max_buffered:
             if spool is not None:
                 spool.spill(buffer)
                 spool.put_or_raise(emission)

@@ -3,7 +3,8 @@
 Env: ``OUTBOX_DB_URL`` (an async SQLAlchemy URL), ``OUTBOX`` (``1`` with the outbox, ``0`` plain emit),
 ``OUTBOX_RELAY_AFTER_S``, ``RECORD_FILE``, ``TEST_QUEUE``, ``CELERY_BROKER_URL``;
 ``KILL_AFTER_COMMIT=1`` SIGKILLs the web process right after a commit, before anything is published;
-``COMMIT_LOG`` (a file) gets one JSON line per committed user: its email and the commit's time (the bench).
+``OUTBOX_POOL_SIZE`` (default 5, SQLAlchemy's); ``COMMIT_LOG`` (a file) gets one JSON line per committed
+user: its email and the commit's time (the bench).
 """
 
 from __future__ import annotations
@@ -114,7 +115,10 @@ def _log_commit(session: Session) -> None:
 def create_app() -> Litestar:
     url = os.environ["OUTBOX_DB_URL"]
     # SQLite keeps a transaction open after a COMMIT its deferred foreign key failed: no pooled connections.
-    engine_config = EngineConfig(poolclass=NullPool) if url.startswith("sqlite") else EngineConfig()
+    if url.startswith("sqlite"):
+        engine_config = EngineConfig(poolclass=NullPool)
+    else:
+        engine_config = EngineConfig(pool_size=int(os.environ.get("OUTBOX_POOL_SIZE", "5")))
     alchemy = SQLAlchemyAsyncConfig(
         connection_string=url, before_send_handler="autocommit", engine_config=engine_config
     )
