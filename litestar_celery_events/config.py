@@ -56,9 +56,11 @@ class Outbox(Protocol):
         submit: Callable[[Emission], None],
         open_transport: Callable[[], Any],
         on_refused: Callable[[Emission, str], None],
+        write_now: Callable[[], None] = ...,
     ) -> Any:
-        """The outbox of one emitter: ``submit`` hands an emission to its publisher, the relay publishes
-        through ``open_transport()`` and hands a message the broker refuses to ``on_refused``."""
+        """The outbox of one emitter: ``submit`` hands an emission to its publisher, ``write_now`` asks it
+        to write what it holds without waiting (after a commit); the relay publishes through
+        ``open_transport()`` and hands a message the broker refuses to ``on_refused``."""
 
     def database_url(self) -> Any:
         """The outbox's database (an SQLAlchemy URL): the shared state's home when the broker is not Redis."""

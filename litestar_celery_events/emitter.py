@@ -74,7 +74,7 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
         self.outbox: TransactionalOutbox | None = None
         if self.config.outbox is not None:
             self.outbox = self.config.outbox.attach(
-                self.config, self._publish_committed, self._open_transport, self.record_refused
+                self.config, self._publish_committed, self._open_transport, self.record_refused, self._write_committed
             )
             self.publisher.on_published = self.outbox.relay.published
 
@@ -199,6 +199,9 @@ class CeleryEventEmitter(BaseEventEmitterBackend):
     def _publish_committed(self, emission: Emission) -> None:
         """The outbox hands a committed emission to whichever publisher is current (a test swaps it)."""
         self.publisher.submit(emission)
+
+    def _write_committed(self) -> None:
+        self.publisher.write_now()
 
     def _open_transport(self) -> Transport:
         """A transport like the publisher's (same broker, routing and task options), for the outbox relay."""

@@ -107,11 +107,13 @@ class SQLAlchemyOutbox:
         submit: Callable[[Emission], None],
         open_transport: Callable[[], Transport],
         on_refused: Callable[[Emission, str], None],
+        write_now: Callable[[], None] = lambda: None,
     ) -> TransactionalOutbox:
-        """The outbox of one emitter: ``submit`` hands an emission to its publisher; the relay publishes
-        through ``open_transport()`` and hands a message the broker refuses to ``on_refused``."""
+        """The outbox of one emitter: ``submit`` hands an emission to its publisher, ``write_now`` asks it
+        to write what it holds without waiting (after a commit); the relay publishes through
+        ``open_transport()`` and hands a message the broker refuses to ``on_refused``."""
         relay = OutboxRelay(self.open_store, self.relay_batch_size, config, open_transport, on_refused)
-        return TransactionalOutbox(self, submit, relay)
+        return TransactionalOutbox(self, submit, relay, write_now)
 
 
 def _sync_session(target: Any) -> Session:
@@ -166,10 +168,17 @@ class _Held:
 class TransactionalOutbox:
     """The outbox of one emitter: holds emissions in sessions, writes, hands over and drops them."""
 
-    def __init__(self, outbox: SQLAlchemyOutbox, submit: Callable[[Emission], None], relay: OutboxRelay) -> None:
+    def __init__(
+        self,
+        outbox: SQLAlchemyOutbox,
+        submit: Callable[[Emission], None],
+        relay: OutboxRelay,
+        write_now: Callable[[], None] = lambda: None,
+    ) -> None:
         self.outbox = outbox
         self.table = outbox.table
         self._submit = submit
+        self._write_now = write_now
         self.relays_orphans = True
         """Whether this process also relays rows a dead process left (a worker's pool children leave
         that to their main process: one relay per worker, not one per child)."""
@@ -221,6 +230,7 @@ class TransactionalOutbox:
                     len(emissions) - index,
                 )
                 return
+        self._write_now()  # committed events are late already: not after the rest of the request
 
     def drop(self, held: _Held, why: str) -> None:
         self.dropped += len(held.emissions)

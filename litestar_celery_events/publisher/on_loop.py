@@ -110,6 +110,13 @@ class LoopPublishing:
         elif self._idle:
             self._wakeup.set()
 
+    def write_now(self) -> None:
+        """Write what is buffered now instead of at the loop's next iteration, when called on the loop's
+        thread with no write awaiting its reply (the outbox, right after a commit: the rest of the request
+        runs before the next iteration). Under load a write is in flight: its reply writes the rest, batched."""
+        if self._on_loop and not self._loop_written and self._buffer and threading.get_ident() == self._loop_thread:
+            self._flush_on_loop()
+
     def _call_on_loop(self, callback: Callable[[], Any]) -> None:
         loop = self._loop
         try:

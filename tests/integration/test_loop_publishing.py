@@ -243,3 +243,27 @@ def test_emits_from_other_threads_reach_the_loop(server: Server, tmp_path: Path,
     asyncio.run(main())
     assert thread_writes == []
     assert sorted(_numbers(server.events())) == list(range(100))
+
+
+def test_write_now_writes_at_once_when_no_write_awaits_its_reply(server: Server, tmp_path: Path) -> None:
+    """The outbox's hand-over after a commit: written before the loop's next iteration, unless a write is
+    in flight (then the next iteration writes it with the rest, as any emit)."""
+
+    async def main() -> None:
+        app = _app(server.url, tmp_path)
+        async with app.event_emitter as emitter:
+            assert isinstance(emitter, CeleryEventEmitter)
+            publisher = emitter.publisher
+            app.emit("loop_event", n=0)
+            await _until(lambda: publisher.published == 1)  # the loop's connection is open
+            app.emit("loop_event", n=1)
+            assert publisher.pending == 1  # an emit waits for the loop's next iteration
+            publisher.write_now()
+            assert publisher.pending == 0  # written already, its reply owed
+            app.emit("loop_event", n=2)
+            publisher.write_now()
+            assert publisher.pending == 1  # n=1's reply has not come (this code holds the loop)
+            await _until(lambda: publisher.published == 3)
+
+    asyncio.run(main())
+    assert _numbers(server.events()) == [0, 1, 2]

@@ -86,6 +86,9 @@ def test_emits_bound_to_a_sync_session_go_out_only_after_its_commit_and_their_ro
     assert outbox is not None
     inserts: list[str] = []
     event.listen(engine, "before_cursor_execute", lambda *a: inserts.append(a[2]) if "INSERT" in a[2] else None)
+    write_now = emitter.publisher.write_now
+    handed_over: list[int] = []
+    emitter.publisher.write_now = lambda: (handed_over.append(emitter.publisher.emitted), write_now())  # type: ignore[method-assign]
     with Session(engine) as session, outbox.bind(session):
         session.execute(text("SELECT 1"))  # a transaction is open
         for n in range(3):
@@ -94,6 +97,7 @@ def test_emits_bound_to_a_sync_session_go_out_only_after_its_commit_and_their_ro
         assert transport.sent == [], "nothing goes out before the commit"
         session.commit()
     assert len(inserts) == 1, "one multi-row INSERT at commit, not one per emit"
+    assert handed_over == [3], "after the commit, the publisher is asked once to write the three at once"
     wait_for(lambda: transport.sent == ["user_created"] * 3, what="the three events")
     wait_for(lambda: _rows(engine) == 0, what="their rows to be deleted")
     emitter.stop()
