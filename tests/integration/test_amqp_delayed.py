@@ -214,13 +214,13 @@ def test_a_two_hour_delay_waits_in_the_delay_levels_not_in_the_worker(
     _purge_level(amqp_url, prefix, 12)
 
 
-CONSUMER_TIMEOUT_S = 60
+CONSUMER_TIMEOUT_S = 10
 """The lowered ``consumer_timeout`` of the private node (RabbitMQ's default is 30 minutes)."""
 
 
 @dataclass
 class TimeoutBroker:
-    """A RabbitMQ whose consumer timeout is 60 s for the test's queues."""
+    """A RabbitMQ whose consumer timeout is 10 s for the test's queues."""
 
     url: str
     node: PrivateRabbitMQ | None = None
@@ -232,11 +232,11 @@ class TimeoutBroker:
 
 @pytest.fixture
 def short_consumer_timeout_rabbitmq(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[TimeoutBroker]:
-    """A RabbitMQ node of this test's own with ``consumer_timeout`` at 60 s, checked every second.
+    """A RabbitMQ node of this test's own with ``consumer_timeout`` at 10 s, checked every second.
 
     The shared node's setting is broker-wide, and RabbitMQ 3.10 (this machine's) has no per-queue
     timeout. ``channel_tick_interval`` (default 60 s) is how often a channel checks the timeout:
-    lowered so the expiry shows at 60-61 s instead of 60-120 s. Where RabbitMQ is not installed
+    lowered so the expiry shows at 10-11 s instead of 10-70 s. Where RabbitMQ is not installed
     here but the shared one is 3.12 or later (CI's service container), the test's own queues get
     ``x-consumer-timeout`` there instead (the check then comes within 60 s after the timeout).
     """
@@ -267,10 +267,10 @@ _CHANNEL_TIMED_OUT = "delivery acknowledgement on channel"
 
 @pytest.mark.rabbitmq
 @pytest.mark.timeout(240)
-def test_a_two_hour_delay_survives_a_consumer_timeout_lowered_to_60_s_where_celerys_eta_loses_its_channel(
+def test_a_two_hour_delay_survives_a_consumer_timeout_lowered_to_10_s_where_celerys_eta_loses_its_channel(
     short_consumer_timeout_rabbitmq: TimeoutBroker, use_env: Callable[..., dict[str, str]], tmp_path: Path
 ) -> None:
-    """Two workers on a node with ``consumer_timeout = 60000``: one gets a 2-hour ``emit_later`` (the delay
+    """Two workers on a node with ``consumer_timeout = 10000``: one gets a 2-hour ``emit_later`` (the delay
     levels hold it), the other a stock Celery ``countdown=7200`` task (the worker holds it, unacked).
     After the timeout only the ETA worker's channel is closed by the broker, and a short delay
     emitted after it still runs on the first worker."""
