@@ -156,18 +156,19 @@ def test_events_travel_over_every_connection_stock_celery_makes(
     assert isinstance(delayed, RedisScheduleStore), "every Redis connection has the broker-side delayed store"
     try:
         failed.purge()
-        with celery_worker(env, tmp_path / "worker.log", queues=env["TEST_QUEUE"]) as worker, TestClient(app):
-            app.emit("conn_ping", n=1)
+        with TestClient(app):
+            # Delayed first: its delay passes while the worker starts.
             due = time.time() + DELAY_S
             emit_later(app, "conn_ping", delay=DELAY_S, n=2)
-            app.emit("conn_fails", n=3)
-            stock_celery_app().send_task("events.conn_ping", kwargs={"n": 4}, queue=env["TEST_QUEUE"])
-
             wait_for(lambda: delayed.waiting() >= 1, timeout=DELAY_S - 1, what="the delayed event in the store")
-            wait_for(lambda: len(runs_of(records, "conn_ping")) >= 3, timeout=30, what="every conn_ping run")
-            wait_for(failed.count, timeout=20, what="the failing listener's record")
-            # The session's Sentinel group runs without min-replicas-to-write: the worker says what that risks.
-            assert ("min-replicas-to-write 0" in worker.output()) is (row == "sentinel")
+            with celery_worker(env, tmp_path / "worker.log", queues=env["TEST_QUEUE"]) as worker:
+                app.emit("conn_ping", n=1)
+                app.emit("conn_fails", n=3)
+                stock_celery_app().send_task("events.conn_ping", kwargs={"n": 4}, queue=env["TEST_QUEUE"])
+                wait_for(lambda: len(runs_of(records, "conn_ping")) >= 3, timeout=30, what="every conn_ping run")
+                wait_for(failed.count, timeout=20, what="the failing listener's record")
+                # The session's Sentinel group runs without min-replicas-to-write: the worker says what that risks.
+                assert ("min-replicas-to-write 0" in worker.output()) is (row == "sentinel")
         runs = {run["kwargs"]["n"]: run for run in runs_of(records, "conn_ping")}
         assert sorted(runs) == [1, 2, 4], "library emit, emit_later and stock send_task each ran once"
         assert runs[2]["kwargs"]["at"] >= due - 0.05, "the delayed event ran when due, not before"
