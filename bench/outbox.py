@@ -12,7 +12,8 @@ A real uvicorn runs the docs' handler (advanced-alchemy, autocommit, PostgreSQL 
   processes up at once and no worker (the listeners' CPU would land in whichever run follows),
   each with a pool of 8 connections (SQLAlchemy's default of 5 opened and closed a connection
   every ~100 requests in both modes),
-  ``PAIRS`` interleaved pairs of 3 s runs (which mode goes first alternates); the median pair ratio.
+  after an unmeasured 3 s run of each, ``PAIRS`` interleaved pairs of 3 s runs (which mode goes
+  first alternates); the median pair ratio.
 
 Then the relay alone: rows/s one process claims, publishes (private Redis) and deletes on PostgreSQL.
 ``python -m bench.outbox [--n 2000]`` prints JSON; ``make bench`` runs it as the ``outbox`` step.
@@ -189,8 +190,10 @@ def _throughput_pairs(redis: RedisServer, url: str, folder: Path) -> dict[str, A
     webs = {"outbox": _load_web(True, redis, url, folder), "plain_emit": _load_web(False, redis, url, folder)}
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in webs}
     try:
-        for _, port in webs.values():
+        for web, port in webs.values():
             wait_for(functools.partial(port_open, port), timeout=60, what="uvicorn")
+        for web, port in webs.values():  # unmeasured: each pool's connections opened, statements prepared
+            load((port, web.proc.pid), ["/users"], PAIR_RUN_S, connections=CLIENTS, post_json=USER_JSON)
         for pair in range(PAIRS):
             for name in ("outbox", "plain_emit") if pair % 2 == 0 else ("plain_emit", "outbox"):
                 web, port = webs[name]

@@ -35,6 +35,7 @@ __all__ = ("run_request_path", "run_stall", "servers")
 
 CONNECTIONS = 32
 BROKER_GRACE_S = 5.0
+WARMUP_S = 1.0
 
 
 @contextmanager
@@ -136,6 +137,9 @@ def run_request_path(
     client = redis.client()
     names = variants or list(VARIANTS)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for name in names:  # unmeasured: each route once through every code path and cache before the first pair
+        server, path, _ = VARIANTS[name]
+        load(ports[server], [path], WARMUP_S)
     for rep in range(reps):
         # Each ratio's two runs stay next to each other (the machine's load drifts); which of the two
         # goes first alternates per repetition.
