@@ -127,8 +127,9 @@ def _merged(previous: dict[str, Any], run: dict[str, Any], steps: list[str]) -> 
         if step in run["errors"]:
             merged.setdefault("errors", {})[step] = run["errors"][step]
     header = {k: run[k] for k in ("command", "started_at", "machine", "machine_end", "elapsed_s", "reps") if k in run}
-    earlier = [run for run in previous.get("merged_runs", []) if not set(run["steps"]) <= set(steps)]
-    merged["merged_runs"] = [*earlier, {"steps": steps, **header}]
+    # An earlier merged run keeps only the steps no later run replaced (none left: it goes).
+    earlier = [{**run, "steps": [s for s in run["steps"] if s not in steps]} for run in previous.get("merged_runs", [])]
+    merged["merged_runs"] = [*(run for run in earlier if run["steps"]), {"steps": steps, **header}]
     return merged
 
 

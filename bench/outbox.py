@@ -157,7 +157,7 @@ def _mode(outbox: bool, redis: RedisServer, url: str, n: int, rolled_back: int, 
     }
 
 
-PAIRS = 5
+PAIRS = 9
 PAIR_RUN_S = 3.0
 CLIENTS = 8
 USER_JSON = '{"email": "load-{n}@example.com"}'
@@ -190,7 +190,7 @@ def _throughput_pairs(redis: RedisServer, url: str, folder: Path) -> dict[str, A
     webs = {"outbox": _load_web(True, redis, url, folder), "plain_emit": _load_web(False, redis, url, folder)}
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in webs}
     try:
-        for web, port in webs.values():
+        for _, port in webs.values():
             wait_for(functools.partial(port_open, port), timeout=60, what="uvicorn")
         for web, port in webs.values():  # unmeasured: each pool's connections opened, statements prepared
             load((port, web.proc.pid), ["/users"], PAIR_RUN_S, connections=CLIENTS, post_json=USER_JSON)
