@@ -230,7 +230,10 @@ class TransactionalOutbox:
                     len(emissions) - index,
                 )
                 return
-        self._write_now()  # committed events are late already: not after the rest of the request
+        try:
+            self._write_now()  # committed events are late already: not after the rest of the request
+        except Exception:  # the commit went through: the loop's next iteration writes them as usual
+            logger.exception("outbox: writing committed events at once failed; they go out with the next write")
 
     def drop(self, held: _Held, why: str) -> None:
         self.dropped += len(held.emissions)

@@ -104,6 +104,30 @@ def test_emits_bound_to_a_sync_session_go_out_only_after_its_commit_and_their_ro
     emitter.outbox.stop()
 
 
+def test_a_failure_to_write_at_once_after_the_commit_does_not_fail_the_commit_or_lose_the_events(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = _app(tmp_path)
+    emitter, transport, engine = _started(app)
+    outbox = emitter.config.outbox
+    assert outbox is not None
+
+    def broken() -> None:
+        raise RuntimeError("write failed")
+
+    emitter.publisher.write_now = broken  # type: ignore[method-assign]
+    log = caplog.at_level(logging.ERROR, "litestar_celery_events.outbox")
+    with log, Session(engine) as session, outbox.bind(session):
+        session.execute(text("SELECT 1"))
+        app.emit("user_created", email="a@example.com")
+        session.commit()  # does not raise
+    assert "writing committed events at once failed" in caplog.text
+    wait_for(lambda: transport.sent == ["user_created"], what="the committed event, by the usual path")
+    wait_for(lambda: _rows(engine) == 0, what="its row to be deleted")
+    emitter.stop()
+    emitter.outbox.stop()
+
+
 def test_a_rollback_or_a_failed_commit_drops_the_held_emits(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     app = _app(tmp_path)
     emitter, transport, engine = _started(app)
