@@ -173,7 +173,7 @@ class TransactionalOutbox:
         outbox: SQLAlchemyOutbox,
         submit: Callable[[Emission], None],
         relay: OutboxRelay,
-        write_now: Callable[[], None] = lambda: None,
+        write_now: Callable[[], None],
     ) -> None:
         self.outbox = outbox
         self.table = outbox.table
