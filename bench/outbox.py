@@ -11,9 +11,8 @@ A real uvicorn runs the docs' handler (advanced-alchemy, autocommit, PostgreSQL 
   raw sockets, so the load generator takes little of the machine's CPU), both web
   processes up at once and no worker (the listeners' CPU would land in whichever run follows),
   each with a pool of 8 connections (SQLAlchemy's default of 5 opened and closed a connection
-  every ~100 requests in both modes),
-  after an unmeasured 3 s run of each, ``PAIRS`` interleaved pairs of 3 s runs (which mode goes
-  first alternates); the median pair ratio.
+  every ~100 requests in both modes); after an unmeasured 3 s run of each, ``PAIRS`` interleaved
+  pairs of 3 s runs (which mode goes first alternates); the median pair ratio.
 
 Then the relay alone: rows/s one process claims, publishes (private Redis) and deletes on PostgreSQL.
 ``python -m bench.outbox [--n 2000]`` prints JSON; ``make bench`` runs it as the ``outbox`` step.

@@ -56,7 +56,7 @@ class Outbox(Protocol):
         submit: Callable[[Emission], None],
         open_transport: Callable[[], Any],
         on_refused: Callable[[Emission, str], None],
-        write_now: Callable[[], None] = ...,
+        write_now: Callable[[], None],
     ) -> Any:
         """The outbox of one emitter: ``submit`` hands an emission to its publisher, ``write_now`` asks it
         to write what it holds without waiting (after a commit); the relay publishes through

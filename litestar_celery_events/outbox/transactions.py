@@ -107,7 +107,7 @@ class SQLAlchemyOutbox:
         submit: Callable[[Emission], None],
         open_transport: Callable[[], Transport],
         on_refused: Callable[[Emission, str], None],
-        write_now: Callable[[], None] = lambda: None,
+        write_now: Callable[[], None],
     ) -> TransactionalOutbox:
         """The outbox of one emitter: ``submit`` hands an emission to its publisher, ``write_now`` asks it
         to write what it holds without waiting (after a commit); the relay publishes through
